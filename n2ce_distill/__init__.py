@@ -1,0 +1,1 @@
+"""n2ce_distill."""

@@ -1,0 +1,140 @@
+"""``n2ce-distill``: train, sample, fid, bench and demo.
+
+Bad input exits with code 2 and one line naming the culprit; nothing is written before the recipe
+and its paths have been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+USAGE_ERROR = 2
+
+
+def _train(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import load_recipe
+    from .trainer import NonFiniteError, Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    output_dir = Path(args.output_dir or Path("runs") / Path(args.recipe).stem)
+    trainer = Trainer(recipe, output_dir, resume=args.resume)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    try:
+        final = trainer.train()
+    except NonFiniteError as exc:  # exit code 1: a run that went wrong, not bad input
+        raise SystemExit(f"n2ce-distill train: error: {exc}") from None
+    print(f"exported {final}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from .pipelines import load_sample_source
+    from .visualize import save_samples
+
+    source = load_sample_source(args.pipeline)
+    generator = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    chunks, remaining = [], args.num_samples
+    while remaining > 0:
+        chunks.append(source(min(args.batch_size, remaining), generator).cpu())
+        remaining -= len(chunks[-1])
+    samples = torch.cat(chunks)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(samples, out / "samples.pt")
+    save_samples(samples[:256], out / "grid.png")
+    print(f"wrote {len(samples)} samples to {out / 'samples.pt'} and a grid to {out / 'grid.png'}")
+
+
+def _fid(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate_inputs
+
+    table = evaluate_inputs(
+        args.inputs, args.ref, num_samples=args.num_samples, out=Path(args.out), batch_size=args.batch_size,
+        seed=args.seed, inception_weights=args.inception_weights, kid=args.kid, prc=args.prc,
+    )
+    print(table)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .benchmarks import BENCHMARKS
+
+    if args.name not in BENCHMARKS:
+        raise ValueError(f"bench: unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(BENCHMARKS[args.name](quick=args.quick, out=out))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    print(run_demo(Path(args.out), quick=args.quick))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="n2ce-distill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a recipe (teacher, dxmi or sid)")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. critic.objective=nce")
+    train.add_argument("--output-dir")
+    train.add_argument("--resume", help="'latest' or a checkpoint folder")
+    train.set_defaults(run=_train)
+
+    sample = sub.add_parser("sample", help="draw samples from an exported pipeline")
+    sample.add_argument("pipeline")
+    sample.add_argument("--num-samples", type=int, default=64)
+    sample.add_argument("--batch-size", type=int, default=256)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True)
+    sample.set_defaults(run=_sample)
+
+    fid = sub.add_parser("fid", help="FID of runs, pipelines, teachers (PATH@STEPS) or image folders")
+    fid.add_argument("inputs", nargs="+")
+    fid.add_argument("--ref", required=True, help="digits | cifar10-train | image folder | .npz statistics")
+    fid.add_argument("--num-samples", type=int, default=10_000)
+    fid.add_argument("--batch-size", type=int, default=500)
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--inception-weights", help="local weights for inception-v3-compat (no download)")
+    fid.add_argument("--kid", action="store_true")
+    fid.add_argument("--prc", action="store_true", help="precision / recall")
+    fid.add_argument("--out", default="fid-output")
+    fid.set_defaults(run=_fid)
+
+    bench = sub.add_parser("bench", help="density-ratio benchmarks: chasm, mle-gradient, u-curve, overhead")
+    bench.add_argument("name")
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--out", default="benchmarks")
+    bench.set_defaults(run=_bench)
+
+    demo = sub.add_parser("demo", help="distil the shipped digits teacher into a 4-step sampler and report FID")
+    demo.add_argument("--out", default="demo-output")
+    demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .checkpoints import CheckpointError
+    from .config import ConfigError
+
+    try:
+        args.run(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"n2ce-distill {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

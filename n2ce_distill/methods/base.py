@@ -1,0 +1,90 @@
+"""The method interface: a distillation loop as its networks, its losses and one training step.
+
+A :class:`Method` never touches devices, processes, checkpoints or logging; the generic
+:class:`~n2ce_distill.trainer.Trainer` does that for every method alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..config import CriticConfig, RecipeConfig
+from ..denoisers import Denoiser, load_denoiser
+from ..objectives import CriticObjective, build_objective
+
+__all__ = ["Method", "Update", "critic_objective", "load_teacher", "unwrap"]
+
+
+class Update(Protocol):
+    """Trainer callback for one optimiser update: backward, non-finite check, clip, step, zero."""
+
+    def __call__(self, term: str, loss: torch.Tensor, optimizer: str, clip: float | None = None) -> None: ...
+
+
+class Method(ABC):
+    """One training loop.
+
+    Subclasses fill ``self.nets`` (trainable modules, checkpointed and wrapped by Accelerate; always
+    call them through this dict so distributed wrappers are used) and implement the abstract methods.
+    ``self.frozen`` holds modules that are moved to the device but never trained (teachers).
+    """
+
+    def __init__(self, recipe: RecipeConfig):
+        self.recipe = recipe
+        self.nets: dict[str, nn.Module] = {}
+        self.frozen: dict[str, nn.Module] = {}
+
+    @abstractmethod
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers by name, built over ``self.nets`` parameters (before Accelerate wraps them)."""
+
+    @property
+    @abstractmethod
+    def ema_name(self) -> str:
+        """Key in ``self.nets`` of the network whose EMA is exported and sampled."""
+
+    @abstractmethod
+    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
+        """Run one iteration on a data batch, calling ``update`` once per optimiser; return scalars to log."""
+
+    @abstractmethod
+    def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw samples in data space ([-1, 1] for images) with ``model`` (the EMA network)."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write ``model`` as a diffusers pipeline folder reloadable with ``from_pretrained``."""
+
+    def extra_state(self) -> dict:
+        """JSON-serialisable state outside the networks (restored by :meth:`load_extra_state`)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        del state
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper, whose custom methods it does not forward."""
+    return getattr(module, "module", module)
+
+
+def critic_objective(cfg: CriticConfig) -> CriticObjective:
+    """The recipe's critic objective with its log-ratio regulariser (M only where the objective has it)."""
+    kwargs = {"M": cfg.M} if cfg.objective == "n2ce" else {}
+    return build_objective(cfg.objective, ratio_reg=cfg.ratio_reg, **kwargs)
+
+
+def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...]) -> Denoiser:
+    """The recipe's teacher as a sigma-space denoiser, checked against the data's sample shape."""
+    teacher = load_denoiser(recipe.teacher.path, c_noise=recipe.teacher.c_noise)
+    if tuple(teacher.sample_shape) != tuple(sample_shape):
+        raise ValueError(
+            f"data.image_size: data samples have shape {tuple(sample_shape)} but teacher "
+            f"{recipe.teacher.path!r} expects {tuple(teacher.sample_shape)}"
+        )
+    return teacher

@@ -1,0 +1,138 @@
+"""DxMI-style few-step distillation (Yoon et al. 2024; SPEC section 5).
+
+Networks: a T-step sampler initialised from the teacher (all weights trainable, plus learned
+per-step noise ``log s_k``), a critic ``l(x)`` (log-ratio / negative energy) trained with a
+swappable objective (``cd`` is DxMI's original, ``nce``, ``n2ce``), and a time-conditioned value
+``V(x, k)`` learnt by TD (or the critic itself, ``method.share_value``). One iteration:
+
+1. draw B trajectories without gradients;
+2. ``v_k <- m v_k + (1 - m) mean ||x_{k+1} - x_k||^2`` (adaptive velocity scale);
+3. critic step: data vs ``x_T``, objective + ``gamma (E l_d^2 + E l_n^2)``;
+4. value step: ``V(x_k, k) -> V(x_{k+1}, k+1)`` detached, with ``V(x_T, T) = -l(x_T)``;
+5. sampler step on all transitions: re-draw ``x_{k+1}`` by reparameterisation and minimise
+   ``V(x_{k+1}, k+1) + tau2 ||x_{k+1} - x_k||^2 / (2 v_k) - tau1 log s_k`` (per-dimension means).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import CriticConfig, RecipeConfig
+from ..critics import ConvCritic, MLPCritic
+from ..fewstep import FewStepSampler
+from ..pipelines import FewStepPipeline
+from ..samplers import few_step_sigmas
+from .base import Method, Update, critic_objective, load_teacher, unwrap
+
+__all__ = ["DxMI", "build_critic"]
+
+SAMPLER_CLIP = 0.1  # DxMI clips the sampler's gradient norm at 0.1
+
+
+def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: bool = False) -> nn.Module:
+    """Convolutional ResNet critic for images, MLP critic for vectors."""
+    if len(sample_shape) == 3:
+        return ConvCritic(
+            in_channels=sample_shape[0], channels=tuple(cfg.channels), num_res_blocks=cfg.num_res_blocks, conditioned=conditioned
+        )
+    return MLPCritic(
+        in_features=int(torch.tensor(sample_shape).prod()), hidden_features=cfg.hidden_features,
+        num_layers=cfg.num_layers, conditioned=conditioned,
+    )
+
+
+class DxMI(Method):
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...]):
+        super().__init__(recipe)
+        opts = recipe.method
+        teacher = load_teacher(recipe, sample_shape)
+        sigmas = few_step_sigmas(teacher, opts.num_steps, spacing=opts.spacing)
+        self.nets["sampler"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, opts.last_scale)
+        self.nets["critic"] = build_critic(recipe.critic, sample_shape)
+        if not opts.share_value:
+            self.nets["value"] = build_critic(recipe.critic, sample_shape, conditioned=True)
+        self.objective = critic_objective(recipe.critic)
+        self.velocity = torch.ones(opts.num_steps)
+
+    @property
+    def ema_name(self) -> str:
+        return "sampler"
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        train, opts = self.recipe.train, self.recipe.method
+        sampler = self.nets["sampler"]
+        net_params = [p for name, p in sampler.named_parameters() if name != "log_scales"]
+        optimizers = {
+            "sampler": torch.optim.Adam(
+                [{"params": net_params, "lr": train.lr}, {"params": [sampler.log_scales], "lr": opts.log_scale_lr}],
+                betas=train.adam_betas,
+            ),
+            "critic": torch.optim.Adam(self.nets["critic"].parameters(), lr=self.recipe.critic.lr, betas=train.adam_betas),
+        }
+        if "value" in self.nets:
+            optimizers["value"] = torch.optim.Adam(self.nets["value"].parameters(), lr=opts.value_lr, betas=train.adam_betas)
+        return optimizers
+
+    def value(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Cost-to-go ``V(x, k)``; at the final step it is the energy ``-l(x)``."""
+        terminal = -self.nets["critic"](x)
+        if "value" not in self.nets:
+            return terminal
+        T = self.recipe.method.num_steps
+        return torch.where(k == T, terminal, self.nets["value"](x, k.float()))
+
+    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
+        opts = self.recipe.method
+        sampler = self.nets["sampler"]
+        B, T = batch.shape[0], opts.num_steps
+        with torch.no_grad():
+            traj = unwrap(sampler).sample(B, return_trajectory=True)  # (T+1, B, ...)
+        x_now, x_next = traj[:-1], traj[1:]
+        flat = lambda t: t.reshape(T * B, *t.shape[2:])  # noqa: E731  (steps folded into the batch)
+        k = torch.arange(T, device=batch.device).repeat_interleave(B)
+
+        sq_step = (x_next - x_now).pow(2).flatten(2).mean(dim=(1, 2)).cpu()
+        self.velocity = opts.velocity_momentum * self.velocity + (1 - opts.velocity_momentum) * sq_step
+
+        # one forward over data and samples together: half the launches, one DDP forward per backward
+        logits_data, logits_noise = self.nets["critic"](torch.cat([batch, traj[-1]])).split(B)
+        critic_loss = self.objective(logits_data, logits_noise)
+        update("critic", critic_loss, "critic")
+        logs = {"loss_critic": critic_loss.detach(), "logit_data": logits_data.detach().mean(),
+                "logit_noise": logits_noise.detach().mean()}
+
+        if "value" in self.nets:
+            with torch.no_grad():
+                target = self.value(flat(x_next), k + 1)
+            value_loss = (self.nets["value"](flat(x_now), k.float()) - target).pow(2).mean()
+            update("value", value_loss, "value")
+            logs["loss_value"] = value_loss.detach()
+
+        x_prev = flat(x_now)
+        x_new = sampler(x_prev, k, torch.randn_like(x_prev))
+        velocity = self.velocity.to(batch.device)[k]
+        log_scale = unwrap(sampler).scales()[k].log()
+        running = opts.tau2 * (x_new - x_prev).pow(2).flatten(1).mean(1) / (2 * velocity) - opts.tau1 * log_scale
+        sampler_loss = (self.value(x_new, k + 1) + running).mean()
+        update("sampler", sampler_loss, "sampler", clip=SAMPLER_CLIP)
+        logs["loss_sampler"] = sampler_loss.detach()
+        return logs
+
+    def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        guidance = self.recipe.method.value_guidance
+        value_fn = (lambda x, k: self.value(x, torch.full((len(x),), k, device=x.device))) if guidance else None
+        return unwrap(model).sample(batch_size, generator=generator, value_fn=value_fn, guidance=guidance)
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        FewStepPipeline.from_sampler(model).save_pretrained(directory)
+
+    def extra_state(self) -> dict:
+        return {"velocity": self.velocity.tolist()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.velocity = torch.tensor(state["velocity"])
+

@@ -1,0 +1,99 @@
+"""Students as diffusers pipelines, and sample sources for evaluation.
+
+:class:`FewStepPipeline` holds three components: ``unet`` (the distilled network), ``scheduler`` (the
+teacher's scheduler, which fixes the parameterisation: ``DDPMScheduler`` = VP epsilon,
+``EDMEulerScheduler`` = EDM) and ``few_step`` (:class:`FewStepScheduler`: the T+1 noise levels and
+learned noise scales). It is called like ``DDPMPipeline``; a one-step SiD generator is the case
+``sigmas = [sigma_init, 0]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+from .denoisers import denoiser_from_components, load_denoiser
+from .fewstep import FewStepSampler
+from .samplers import teacher_sample
+
+__all__ = ["FewStepPipeline", "FewStepScheduler", "load_sample_source"]
+
+SampleSource = Callable[[int, torch.Generator], torch.Tensor]
+
+
+class FewStepScheduler(SchedulerMixin, ConfigMixin):
+    """The few-step schedule: ``sigmas`` (T+1, ending at 0) and per-step noise ``noise_scales`` (T)."""
+
+    config_name = "scheduler_config.json"
+
+    @register_to_config
+    def __init__(self, sigmas: list[float] = (2.5, 0.0), noise_scales: list[float] = (0.0,), c_noise: str = "edm"):
+        if len(noise_scales) != len(sigmas) - 1:
+            raise ValueError(f"noise_scales: expected {len(sigmas) - 1} values for {len(sigmas)} sigmas")
+
+
+class FewStepPipeline(DiffusionPipeline):
+    """T-step (or one-step) sampler exported from DxMI or SiD training."""
+
+    def __init__(self, unet, scheduler, few_step: FewStepScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, few_step=few_step)
+
+    @classmethod
+    def from_sampler(cls, sampler: FewStepSampler) -> "FewStepPipeline":
+        denoiser = sampler.denoiser
+        few_step = FewStepScheduler(
+            sigmas=sampler.sigmas.tolist(), noise_scales=sampler.scales().tolist(), c_noise=getattr(denoiser, "c_noise", "edm")
+        )
+        return cls(unet=denoiser.net, scheduler=denoiser.to_scheduler(), few_step=few_step)
+
+    def sampler(self) -> FewStepSampler:
+        denoiser = denoiser_from_components(self.unet, self.scheduler, c_noise=self.few_step.config.c_noise)
+        *learned, last = self.few_step.config.noise_scales
+        sampler = FewStepSampler(denoiser, torch.tensor(self.few_step.config.sigmas), last_scale=last)
+        with torch.no_grad():
+            sampler.log_scales[:-1].copy_(torch.tensor(learned).log())
+        return sampler.to(self.device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        samples = self.sampler().sample(batch_size, generator=generator).clamp(-1, 1)
+        if samples.dim() != 4:  # 2-D points: only tensors make sense
+            if output_type == "pil":
+                raise ValueError("output_type: 'pil' needs image samples; use 'pt' or 'np' for vector data")
+            images = samples.cpu().numpy() if output_type == "np" else samples
+        elif output_type == "pt":
+            images = samples
+        else:
+            images = (samples / 2 + 0.5).cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def load_sample_source(path: str | Path, steps: int | None = None, method: str = "ancestral", device: str = "cpu") -> SampleSource:
+    """A ``generate(batch_size, generator)`` callable for an exported pipeline or, with ``steps``, a teacher."""
+    path = Path(path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path}: not a pipeline folder (no model_index.json)")
+    if steps is None and '"FewStepPipeline"' in index.read_text():
+        pipe = FewStepPipeline.from_pretrained(str(path)).to(device)
+        sampler = pipe.sampler()
+        return lambda n, g: sampler.sample(n, generator=g).clamp(-1, 1)
+    if steps is None:
+        raise ValueError(f"{path}: a teacher needs a number of sampling steps (PATH@STEPS)")
+    denoiser = load_denoiser(str(path)).to(device).eval()
+    return lambda n, g: teacher_sample(denoiser, n, steps=steps, method=method, generator=g).clamp(-1, 1)

@@ -1,0 +1,229 @@
+"""One generic trainer on Accelerate that drives any :class:`~n2ce_distill.methods.Method`.
+
+It owns what every loop shares: devices and mixed precision, gradient accumulation, multi-process
+data sharding, EMA (ema-pytorch), atomic ``checkpoint-<step>`` folders with a total limit and
+``--resume latest``, TensorBoard logging, sample grids, the FID hook with a ``best/`` export, and
+non-finite guards. Methods only say what one step computes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from ema_pytorch import EMA
+from tqdm.auto import tqdm
+
+from . import checkpoints
+from .config import RecipeConfig
+from .data import build_dataset, infinite_loader
+from .methods import build_method
+from .visualize import save_samples
+
+__all__ = ["NonFiniteError", "Trainer"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the message names the step and the loss term."""
+
+
+class _SkipStep(Exception):
+    pass
+
+
+class Trainer:
+    """Train ``recipe`` into ``output_dir``; ``resume="latest"`` continues from the newest checkpoint."""
+
+    def __init__(self, recipe: RecipeConfig, output_dir: str | Path, resume: str | None = None):
+        self.recipe, self.output_dir = recipe, Path(output_dir)
+        train = recipe.train
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        set_seed(recipe.seed)
+        self.dataset = build_dataset(recipe.data)
+        self.method = build_method(recipe, self.dataset)
+        self.method_optimizers = self.method.optimizers()
+        self.ema = EMA(
+            self.method.nets[self.method.ema_name],
+            beta=train.ema.beta,
+            update_after_step=train.ema.update_after_step,
+            update_every=train.ema.update_every,
+            include_online_model=False,
+        )
+        self._prepare()
+        world = self.accelerator.num_processes
+        if train.batch_size % world:
+            raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by {world} processes")
+        loader_generator = torch.Generator().manual_seed(recipe.seed)
+        self.loader = infinite_loader(self.dataset, train.batch_size, loader_generator)
+        self.step, self.skipped_steps, self.best_fid = 0, 0, math.inf
+        if resume:
+            self._resume(resume)
+
+    def _prepare(self) -> None:
+        acc = self.accelerator
+        names = list(self.method.nets)
+        prepared = acc.prepare(*self.method.nets.values(), *self.method_optimizers.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.method.nets = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(self.method_optimizers, prepared[len(names):]))
+        for module in self.method.frozen.values():
+            module.to(acc.device).requires_grad_(False).eval()
+        self.ema.to(acc.device)
+
+    # ------------------------------------------------------------------ one update
+    def _update(self, term: str, loss: torch.Tensor, optimizer: str, clip: float | None = None) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            self._nonfinite(f"{term} loss", loss.detach())
+        opt = self.optimizers[optimizer]
+        owned = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        # gradients reach only this optimiser's parameters: a sampler loss that runs through the
+        # critic must not leave stale gradients on the critic
+        self.accelerator.backward(loss, inputs=owned)
+        params = [p for p in owned if p.grad is not None]
+        if self.accelerator.sync_gradients:
+            norm = self.accelerator.clip_grad_norm_(params, clip or self.recipe.train.grad_clip)
+            if not torch.isfinite(norm):
+                opt.zero_grad(set_to_none=True)
+                self._nonfinite(f"{term} gradient", norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _nonfinite(self, what: str, value: torch.Tensor) -> None:
+        message = f"step {self.step}: non-finite {what} ({value.float().flatten()[0].item()})"
+        if self.recipe.train.on_nonfinite == "skip":
+            raise _SkipStep(message)
+        raise NonFiniteError(message + "; the last good checkpoint is kept")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Path:
+        acc, train = self.accelerator, self.recipe.train
+        acc.init_trackers("n2ce-distill", config=_flat(self.recipe.model_dump()))
+        rank, per_process = acc.process_index, train.batch_size // acc.num_processes
+        self._bar = tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
+        while self.step < train.max_steps:
+            batch = next(self.loader)
+            batch = batch[rank * per_process:(rank + 1) * per_process].to(acc.device)
+            try:
+                with acc.accumulate(*self.method.nets.values()), acc.autocast():
+                    logs = self.method.training_step(batch, self.step, self._update)
+            except _SkipStep as skipped:
+                self.skipped_steps += 1
+                log.warning("%s; step skipped (%d so far)", skipped, self.skipped_steps)
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                logs = {}
+            self.ema.update()
+            self.step += 1
+            self._bar.update(1)
+            self._after_step({k: float(v) for k, v in logs.items()})
+        self._bar.close()
+        final = self.output_dir / "pipeline"
+        if acc.is_main_process:
+            self.method.export(self.ema.ema_model, final)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return final
+
+    def _after_step(self, logs: dict[str, float]) -> None:
+        train, step = self.recipe.train, self.step
+        if step % train.log_every == 0 or step == train.max_steps:
+            logs["skipped_steps"] = self.skipped_steps
+            self.accelerator.log(logs, step=step)
+        if logs:
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
+        if step % train.sample_every == 0 or step == train.max_steps:
+            self._save_samples()
+        fid_every = self.recipe.eval.fid_every
+        if fid_every and (step % fid_every == 0 or step == train.max_steps):
+            self._evaluate_fid()
+        if step % train.checkpoint_every == 0 or step == train.max_steps:
+            self.save_checkpoint()
+
+    def _samples(self, count: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator(self.accelerator.device).manual_seed(seed)
+        with torch.no_grad():
+            return self.method.generate(self.ema.ema_model, count, generator).cpu()
+
+    def _save_samples(self) -> None:
+        if self.accelerator.is_main_process:
+            save_samples(self._samples(64, self.recipe.seed), self.output_dir / "samples" / f"step-{self.step:07d}.png")
+
+    def _evaluate_fid(self) -> None:
+        from .fid import evaluate_samples  # torch-fidelity is heavy; import only when the hook is on
+
+        if not self.accelerator.is_main_process:
+            return
+        ev = self.recipe.eval
+        metrics = evaluate_samples(
+            lambda n, g: self.method.generate(self.ema.ema_model, n, g),
+            ev.ref or self.recipe.data.name,
+            num_samples=ev.fid_samples,
+            batch_size=ev.batch_size,
+            seed=self.recipe.seed,
+        )
+        self.accelerator.log({"fid": metrics["fid"]}, step=self.step)
+        with (self.output_dir / "fid.jsonl").open("a") as handle:
+            handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        if metrics["fid"] < self.best_fid:
+            self.best_fid = metrics["fid"]
+            checkpoints.atomic_write_dir(self.output_dir / "best", lambda tmp: self.method.export(self.ema.ema_model, tmp))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "best_fid": self.best_fid,
+            "loader": self.loader.state_dict(),
+            "method": self.method.extra_state(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+
+        def write(tmp: Path) -> None:
+            acc.save_state(str(tmp), safe_serialization=True)
+            if acc.is_main_process:
+                checkpoints.save_module(self.ema.ema_model, tmp / "ema.safetensors")
+                (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=1))
+                self.method.export(self.ema.ema_model, tmp / "pipeline")
+
+        path = checkpoints.save_checkpoint(self.output_dir, self.step, write, self.recipe.train.checkpoint_total_limit, acc)
+        return path
+
+    def _resume(self, which: str) -> None:
+        path = checkpoints.resolve(self.output_dir, which)
+        if path is None:
+            log.info("no checkpoint in %s; starting from scratch", self.output_dir)
+            return
+        self.accelerator.load_state(str(path))
+        checkpoints.load_module(self.ema.ema_model, path / "ema.safetensors")
+        state = checkpoints.read_json(path / "trainer_state.json")
+        self.step, self.skipped_steps, self.best_fid = state["step"], state["skipped_steps"], state["best_fid"]
+        self.loader.load_state_dict(state["loader"])
+        self.method.load_extra_state(state["method"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """TensorBoard hparams accept scalars only."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
