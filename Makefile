@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/n2ce-distill demo --out demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -1,12 +1,10 @@
 r"""Datasets (SPEC section 9) and a resumable infinite batch loader.
 
-* 2-D toys (BNAF / DxMI conventions, sampled with a ``torch.Generator``): :class:`EightGaussians` (exact
-  ``log_prob``), :class:`TwoSpirals`, :class:`Checkerboard`.
-* Images in [-1, 1], NCHW: scikit-learn digits (1797 x 1 x 8 x 8, ships with sklearn),
-  :class:`ImageFolderDataset`, CIFAR-10 via torchvision.
-* :func:`build_dataset` -- registry by name; items are ``x`` or ``(x, label)`` tensors.
-* :class:`InfiniteLoader` -- shuffled batches forever; epoch ``e`` uses a permutation seeded by ``(seed, e)``,
-  so ``(epoch, index)`` alone fixes the future and a resumed run sees exactly the uninterrupted sequence.
+2-D toys (BNAF/DxMI conventions, ``torch.Generator`` sampling): :class:`EightGaussians` (exact ``log_prob``),
+:class:`TwoSpirals`, :class:`Checkerboard`. Images in [-1, 1], NCHW: scikit-learn digits (1797 x 1 x 8 x 8),
+:class:`ImageFolderDataset`, CIFAR-10 via torchvision. :func:`build_dataset` picks one by name; items are ``x`` or
+``(x, label)``. :class:`InfiniteLoader`: epoch ``e`` is a permutation seeded by ``(seed, e)``, so ``(epoch,
+index)`` fixes the future and a resumed run sees exactly the uninterrupted sequence.
 """
 
 from __future__ import annotations
@@ -20,19 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-__all__ = [
-    "DATASETS",
-    "ArrayDataset",
-    "Checkerboard",
-    "EightGaussians",
-    "ImageFolderDataset",
-    "InfiniteLoader",
-    "TwoSpirals",
-    "build_dataset",
-    "cifar10",
-    "digits",
-    "infinite_loader",
-]
+__all__ = ["DATASETS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset", "InfiniteLoader",
+           "TwoSpirals", "build_dataset", "cifar10", "digits", "infinite_loader"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -62,12 +49,9 @@ class ArrayDataset(Dataset):
         return x if self.y is None else (x, self.y[idx])
 
 
-# ----------------------------------------------------------------------------------------------- 2-D toys
 class EightGaussians:
-    r"""Equal mixture of 8 isotropic Gaussians at angles ``k pi/4`` on a circle.
-
-    Defaults are the BNAF/DxMI set: centres at radius ``4/sqrt 2``, std ``0.5/sqrt 2``.
-    ``log p(x) = logsumexp_k [-|x - mu_k|^2/(2 std^2)] - log(2 pi std^2) - log 8``.
+    r"""Equal mixture of 8 isotropic Gaussians at angles ``k pi/4`` on a circle (defaults: the BNAF/DxMI set,
+    radius ``4/sqrt 2``, std ``0.5/sqrt 2``): ``log p(x) = logsumexp_k[-|x - mu_k|^2/(2 std^2)] - log(16 pi std^2)``.
     """
 
     def __init__(self, radius: float = 4 / math.sqrt(2), std: float = 0.5 / math.sqrt(2)):
@@ -82,7 +66,7 @@ class EightGaussians:
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-density of points (N, 2), computed in float64."""
         sq = (x.double()[:, None, :] - self.centers.to(x.device)[None]).square().sum(-1)
-        log_norm = math.log(2 * math.pi * self.std**2) + math.log(8)
+        log_norm = math.log(16 * math.pi * self.std**2)  # 8 components x 2 pi std^2
         return (torch.logsumexp(-sq / (2 * self.std**2), dim=1) - log_norm).to(x.dtype)
 
 
@@ -95,7 +79,8 @@ class TwoSpirals:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         half = n - n // 2
         r = torch.rand(half, 1, generator=generator, dtype=torch.float64).sqrt() * 3 * math.pi  # 540 degrees
-        arm = torch.cat([-r.cos() * r, r.sin() * r], dim=1) + 0.5 * torch.rand(half, 2, generator=generator, dtype=torch.float64)
+        jitter = 0.5 * torch.rand(half, 2, generator=generator, dtype=torch.float64)
+        arm = torch.cat([-r.cos() * r, r.sin() * r], dim=1) + jitter
         x = torch.cat([arm, -arm])[:n] / 3
         x = x + self.noise * torch.randn(x.shape, generator=generator, dtype=torch.float64)
         return (self.scale * x).float()
@@ -109,8 +94,9 @@ class Checkerboard:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         x1 = torch.rand(n, generator=generator, dtype=torch.float64) * 4 - 2
-        row = torch.rand(n, generator=generator, dtype=torch.float64) - 2 * torch.randint(0, 2, (n,), generator=generator)
-        x2 = row + torch.floor(x1) % 2  # shift odd columns up by one square
+        row = torch.rand(n, generator=generator, dtype=torch.float64)
+        row = row - 2 * torch.randint(0, 2, (n,), generator=generator)  # square 0 or -2 ...
+        x2 = row + torch.floor(x1) % 2  # ... shifted up by one in odd columns
         return (2 * self.scale * torch.stack([x1, x2], dim=1)).float()
 
 
@@ -119,7 +105,6 @@ def _toy(cls: Callable, n: int = 10_000, seed: int = 0, **kw) -> ArrayDataset:
     return ArrayDataset(cls(**kw).sample(n, torch.Generator().manual_seed(seed)))
 
 
-# ----------------------------------------------------------------------------------------------- images
 def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0, labels: bool = False) -> ArrayDataset:
     """scikit-learn's 8x8 digits as (N, 1, 8, 8) floats in [-1, 1] (pixel values 0..16 -> -1..1).
 
@@ -151,15 +136,12 @@ class ImageFolderDataset(Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
         if not self.files:
             raise ValueError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found under {self.root}")
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.image_size, self.mode = image_size, "L" if channels == 1 else "RGB"
-        self.classes: list[str] = []
-        self.targets: list[int] | None = None
+        self.image_size, self.mode = image_size, {1: "L", 3: "RGB"}[channels]
+        self.classes, self.targets = [], None
         if labels:
             parts = [p.relative_to(self.root).parts for p in self.files]
-            self.classes = sorted({q[0] for q in parts if len(q) > 1})
-            if len(self.classes) == 0 or any(len(q) == 1 for q in parts):
+            self.classes = sorted({q[0] for q in parts})
+            if any(len(q) == 1 for q in parts):
                 raise ValueError(f"labels=True needs every image inside a class subfolder of {self.root}")
             self.targets = [self.classes.index(q[0]) for q in parts]
 
@@ -193,18 +175,12 @@ def cifar10(root: str | os.PathLike, train: bool = True, download: bool = True, 
     return ArrayDataset(x, torch.as_tensor(ds.targets, dtype=torch.long) if labels else None)
 
 
-def _image_folder(root: str | os.PathLike | None = None, image_size: int = 32, **kw) -> ImageFolderDataset:
-    if root is None:
-        raise ValueError("dataset 'image-folder' needs root=<folder of images>")
-    return ImageFolderDataset(root, image_size, **kw)
-
-
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "8gaussians": lambda **kw: _toy(EightGaussians, **kw),
     "spirals": lambda **kw: _toy(TwoSpirals, **kw),
     "checkerboard": lambda **kw: _toy(Checkerboard, **kw),
     "digits": digits,
-    "image-folder": _image_folder,
+    "image-folder": ImageFolderDataset,
     "cifar10": cifar10,
 }
 
@@ -218,7 +194,6 @@ def build_dataset(name: str, **kwargs) -> Dataset:
     return DATASETS[name](**kwargs)
 
 
-# ----------------------------------------------------------------------------------------------- loader
 class InfiniteLoader:
     """Shuffled batches forever with a resumable position.
 
@@ -227,22 +202,14 @@ class InfiniteLoader:
     size. ``state_dict() = {seed, epoch, index}`` with ``index`` = samples of the epoch already yielded.
     ``num_workers > 0`` loads through a ``DataLoader`` (the order is still ours)."""
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = True,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-    ):
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, drop_last: bool = True,
+                 num_workers: int = 0, pin_memory: bool = False):
         n = len(dataset)
-        if batch_size < 1 or (drop_last and batch_size > n):
+        if batch_size < 1 or (drop_last and batch_size > n) or n == 0:
             raise ValueError(f"batch_size {batch_size} does not fit a dataset of {n} items (drop_last={drop_last})")
         self.dataset, self.batch_size, self.seed, self.drop_last = dataset, batch_size, int(seed), drop_last
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.epoch, self.index = 0, 0
-        self._it: Iterator | None = None
+        self.epoch, self.index, self._it = 0, 0, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -256,10 +223,9 @@ class InfiniteLoader:
     def _start_epoch_iterator(self) -> Iterator:
         batches = self._epoch_batches()
         if self.num_workers > 0:
-            return iter(
-                DataLoader(self.dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.num_workers,
-                           pin_memory=self.pin_memory)
-            )
+            batch_sampler = [b.tolist() for b in batches]
+            return iter(DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+                                   pin_memory=self.pin_memory))
         if isinstance(self.dataset, ArrayDataset):
             return (self.dataset.batch(b) for b in batches)
         return (default_collate([self.dataset[i] for i in b.tolist()]) for b in batches)
@@ -268,18 +234,14 @@ class InfiniteLoader:
         return self
 
     def __next__(self):
-        for _ in range(2):  # at most one epoch rollover per batch
-            if self._it is None:
-                self._it = self._start_epoch_iterator()
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self._it, self.epoch, self.index = None, self.epoch + 1, 0
-                continue
-            size = (batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0]
-            self.index += size
-            return batch
-        raise RuntimeError("empty epoch")  # unreachable: __init__ guarantees at least one batch per epoch
+        if self._it is None:
+            self._it = self._start_epoch_iterator()
+        batch = next(self._it, None)
+        if batch is None:  # epoch exhausted (or resumed exactly at its end); __init__ ensures a new one is not
+            self.epoch, self.index, self._it = self.epoch + 1, 0, None
+            return next(self)
+        self.index += len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        return batch
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
@@ -289,9 +251,7 @@ class InfiniteLoader:
         self._it = None  # rebuild the iterator from the restored position
 
 
-def infinite_loader(
-    dataset: Dataset, batch_size: int, seed: int | torch.Generator = 0, **kwargs
-) -> InfiniteLoader:
+def infinite_loader(dataset: Dataset, batch_size: int, seed: int | torch.Generator = 0, **kwargs) -> InfiniteLoader:
     """:class:`InfiniteLoader` factory; a ``torch.Generator`` seed is turned into an int by one draw (the int is
     what ``state_dict`` stores, so resuming never depends on the generator again)."""
     if isinstance(seed, torch.Generator):

@@ -26,8 +26,10 @@ class ChasmWarning(UserWarning):
     """Warning category for a saturated critic (filter it with ``warnings.simplefilter``)."""
 
 
-def _flat_fp32(logits: torch.Tensor, name: str) -> torch.Tensor:
-    flat = torch.as_tensor(logits).detach().reshape(-1).float()
+def _flat(logits: torch.Tensor, name: str) -> torch.Tensor:
+    """Detached, flattened, at least fp32 (bf16 logits would round the means; float64 stays float64)."""
+    flat = torch.as_tensor(logits).detach().reshape(-1)
+    flat = flat if flat.dtype == torch.float64 else flat.float()
     if flat.numel() == 0:
         raise ValueError(f"{name} is empty")
     return flat
@@ -39,8 +41,8 @@ def critic_diagnostics(logits_data: torch.Tensor, logits_noise: torch.Tensor) ->
     Returns floats: ``acc_data``, ``acc_noise``, ``logit_data``, ``logit_noise``, ``kl_estimate``,
     ``self_normalisation``. The log-mean-exp uses ``logsumexp(l) - log n``, finite for any fp32 ``l``.
     """
-    ld = _flat_fp32(logits_data, "logits_data")
-    ln = _flat_fp32(logits_noise, "logits_noise")
+    ld = _flat(logits_data, "logits_data")
+    ln = _flat(logits_noise, "logits_noise")
     return {
         "acc_data": (ld > 0).float().mean().item(),
         "acc_noise": (ln < 0).float().mean().item(),

@@ -99,6 +99,9 @@ def fit_density_ratio(critic: nn.Module, data: Source, noise: Source, objective:
     _check_positive_int(log_every, "log_every")
     if not isinstance(critic, nn.Module):
         raise ValueError(f"critic must be a torch.nn.Module, got {type(critic).__name__}")
+    param = next(critic.parameters(), None)
+    if param is None:
+        raise ValueError("critic has no parameters to train")
     if getattr(getattr(critic, "config", None), "conditioned", False):
         raise ValueError("critic is conditioned (conditioned=True); fit_density_ratio fits an unconditioned "
                          "critic between two fixed distributions")
@@ -114,9 +117,6 @@ def fit_density_ratio(critic: nn.Module, data: Source, noise: Source, objective:
             raise ValueError(f"lr must be positive, got {lr!r}")
         optimizer = torch.optim.Adam(critic.parameters(), lr=lr)
 
-    param = next(critic.parameters(), None)
-    if param is None:
-        raise ValueError("critic has no parameters to train")
     if device is not None:
         critic.to(device)
     device, dtype = param.device if device is None else torch.device(device), param.dtype

@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
+Weight = Tensor | None  # per-sample (B,) or per-element weights
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -57,7 +58,7 @@ def _upcast(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _expect(values: Tensor, weight: Tensor | None) -> Tensor:
+def _expect(values: Tensor, weight: Weight) -> Tensor:
     """Mean of ``values`` (already fp32+), optionally weighted per leading index or per element."""
     if weight is None:
         return values.mean()
@@ -90,14 +91,13 @@ def stable_exp(l: Tensor, threshold: float = 50.0) -> Tensor:
     return torch.where(l > threshold, e * (1.0 + (l - threshold)), e)
 
 
-def nce_loss(ld: Tensor, ln: Tensor, weight_data: Tensor | None = None,
-             weight_noise: Tensor | None = None) -> Tensor:
+def nce_loss(ld: Tensor, ln: Tensor, weight_data: Weight = None, weight_noise: Weight = None) -> Tensor:
     """NCE / GAN discriminator loss ``E_d softplus(-l) + E_n softplus(l)``; optimum ``l = log p/q``."""
     return n2ce_loss(ld, ln, 1.0, weight_data, weight_noise)
 
 
-def n2ce_loss(ld: Tensor, ln: Tensor, M: float = 100.0, weight_data: Tensor | None = None,
-              weight_noise: Tensor | None = None) -> Tensor:
+def n2ce_loss(ld: Tensor, ln: Tensor, M: float = 100.0,
+              weight_data: Weight = None, weight_noise: Weight = None) -> Tensor:
     """N²CE: ``E_d softplus(log M - l) + M E_n softplus(l - log M)``.
 
     Minimised at ``l = log p/q`` for every ``M > 0``. Per-sample gradient wrt ``l``: data ``-M/(M+r)``,
@@ -111,8 +111,7 @@ def n2ce_loss(ld: Tensor, ln: Tensor, M: float = 100.0, weight_data: Tensor | No
         return data + M * noise
 
 
-def nwj_loss(ld: Tensor, ln: Tensor, weight_data: Tensor | None = None,
-             weight_noise: Tensor | None = None) -> Tensor:
+def nwj_loss(ld: Tensor, ln: Tensor, weight_data: Weight = None, weight_noise: Weight = None) -> Tensor:
     """NWJ: ``-(E_d l - E_n e^l + 1)``; optimum ``l = log p/q`` where it equals ``-KL(p||q)``.
 
     Per element: data ``-l``, noise ``e^l - 1`` (so weights scale the constant too: weight 2 everywhere
@@ -123,15 +122,14 @@ def nwj_loss(ld: Tensor, ln: Tensor, weight_data: Tensor | None = None,
         return -_expect(ld, weight_data) + _expect(stable_exp(ln) - 1.0, weight_noise)
 
 
-def cd_loss(ld: Tensor, ln: Tensor, weight_data: Tensor | None = None,
-            weight_noise: Tensor | None = None) -> Tensor:
+def cd_loss(ld: Tensor, ln: Tensor, weight_data: Weight = None, weight_noise: Weight = None) -> Tensor:
     """Contrastive-divergence / DxMI energy loss ``-E_d l + E_n l`` (unbounded: regularise it)."""
     with _no_autocast(ld):
         return -_expect(_upcast(ld), weight_data) + _expect(_upcast(ln), weight_noise)
 
 
-def ratio_regularizer(ld: Tensor, ln: Tensor, weight_data: Tensor | None = None,
-                      weight_noise: Tensor | None = None) -> Tensor:
+def ratio_regularizer(ld: Tensor, ln: Tensor,
+                      weight_data: Weight = None, weight_noise: Weight = None) -> Tensor:
     """Log-ratio regulariser ``E_d l^2 + E_n l^2`` (pulls ``r`` towards 1 where data are scarce)."""
     with _no_autocast(ld):
         ld, ln = _upcast(ld), _upcast(ln)
@@ -145,8 +143,6 @@ class CriticObjective(ABC):
     :meth:`loss` plus ``ratio_reg * (E_d l^2 + E_n l^2)``.
     """
 
-    name: str = ""
-
     def __init__(self, ratio_reg: float = 0.0):
         ratio_reg = float(ratio_reg)
         if not (ratio_reg >= 0 and math.isfinite(ratio_reg)):
@@ -154,29 +150,24 @@ class CriticObjective(ABC):
         self.ratio_reg = ratio_reg
 
     @abstractmethod
-    def loss(self, ld: Tensor, ln: Tensor, weight_data: Tensor | None = None,
-             weight_noise: Tensor | None = None) -> Tensor:
+    def loss(self, ld: Tensor, ln: Tensor, weight_data: Weight = None,
+             weight_noise: Weight = None) -> Tensor:
         """The unregularised objective."""
 
-    def __call__(self, ld: Tensor, ln: Tensor, weight_data: Tensor | None = None,
-                 weight_noise: Tensor | None = None) -> Tensor:
+    def __call__(self, ld: Tensor, ln: Tensor, weight_data: Weight = None,
+                 weight_noise: Weight = None) -> Tensor:
         out = self.loss(ld, ln, weight_data, weight_noise)
         if self.ratio_reg > 0:
             out = out + self.ratio_reg * ratio_regularizer(ld, ln, weight_data, weight_noise)
         return out
 
-    def _extra_repr(self) -> str:
-        return ""
-
     def __repr__(self) -> str:
-        extra = self._extra_repr()
-        return f"{type(self).__name__}({extra + ', ' if extra else ''}ratio_reg={self.ratio_reg:g})"
+        params = ", ".join(f"{k}={v:g}" for k, v in sorted(vars(self).items()))
+        return f"{type(self).__name__}({params})"
 
 
 class NCE(CriticObjective):
     """NCE / GAN discriminator BCE (see :func:`nce_loss`)."""
-
-    name = "nce"
 
     def loss(self, ld, ln, weight_data=None, weight_noise=None):
         return nce_loss(ld, ln, weight_data, weight_noise)
@@ -185,8 +176,6 @@ class NCE(CriticObjective):
 class N2CE(CriticObjective):
     """N²CE with noise magnification ``M`` (see :func:`n2ce_loss`); the paper uses M=100 at batch 128."""
 
-    name = "n2ce"
-
     def __init__(self, M: float = 100.0, ratio_reg: float = 0.0):
         super().__init__(ratio_reg)
         self.M = _check_M(M)
@@ -194,14 +183,9 @@ class N2CE(CriticObjective):
     def loss(self, ld, ln, weight_data=None, weight_noise=None):
         return n2ce_loss(ld, ln, self.M, weight_data, weight_noise)
 
-    def _extra_repr(self) -> str:
-        return f"M={self.M:g}"
-
 
 class NWJ(CriticObjective):
     """NWJ / KL variational bound (see :func:`nwj_loss`)."""
-
-    name = "nwj"
 
     def loss(self, ld, ln, weight_data=None, weight_noise=None):
         return nwj_loss(ld, ln, weight_data, weight_noise)
@@ -210,8 +194,6 @@ class NWJ(CriticObjective):
 class CD(CriticObjective):
     """Contrastive divergence (see :func:`cd_loss`). With ``ratio_reg = gamma > 0`` its optimum on a
     discrete space is ``l = (p - q) / (2 gamma (p + q))``, not ``log p/q``."""
-
-    name = "cd"
 
     def loss(self, ld, ln, weight_data=None, weight_noise=None):
         return cd_loss(ld, ln, weight_data, weight_noise)
@@ -243,44 +225,41 @@ def build_objective(name: str, **kw) -> CriticObjective:
 
 # Generator-side terms on logits of *generated* samples (what the generator minimises).
 
-def _generator_term(values_fn: Callable[[Tensor], Tensor], l: Tensor, weight: Tensor | None) -> Tensor:
+def _generator_term(values_fn: Callable[[Tensor], Tensor], l: Tensor, weight: Weight) -> Tensor:
     with _no_autocast(l):
         return _expect(values_fn(_upcast(l)), weight)
 
 
-def generator_minimax(l: Tensor, weight: Tensor | None = None) -> Tensor:
+def generator_minimax(l: Tensor, weight: Weight = None) -> Tensor:
     """Minimax GAN ``-softplus(l)`` (= ``log(1 - D)``); gradient ``-sigmoid(l)`` vanishes when D wins."""
     return _generator_term(lambda x: -F.softplus(x), l, weight)
 
 
-def generator_nonsat(l: Tensor, weight: Tensor | None = None) -> Tensor:
+def generator_nonsat(l: Tensor, weight: Weight = None) -> Tensor:
     """Non-saturating GAN ``softplus(-l)`` (= ``-log D``); gradient ``-1/(1+r)``."""
     return _generator_term(lambda x: F.softplus(-x), l, weight)
 
 
-def generator_n2ce_nonsat(l: Tensor, M: float, weight: Tensor | None = None) -> Tensor:
+def generator_n2ce_nonsat(l: Tensor, M: float, weight: Weight = None) -> Tensor:
     """N²CE-consistent non-saturating term ``softplus(log M - l)``; gradient ``-M/(M+r)``."""
     log_M = math.log(_check_M(M))
     return _generator_term(lambda x: F.softplus(log_M - x), l, weight)
 
 
-def generator_reverse_kl(l: Tensor, weight: Tensor | None = None) -> Tensor:
+def generator_reverse_kl(l: Tensor, weight: Weight = None) -> Tensor:
     """Reverse-KL reward ``-l`` since ``KL(q||p) = -E_q log r`` (energy-based / DxMI use); gradient -1."""
     return _generator_term(torch.neg, l, weight)
 
 
-def generator_mle(l: Tensor, weight: Tensor | None = None) -> Tensor:
+def generator_mle(l: Tensor, weight: Weight = None) -> Tensor:
     """MLE-recovering term ``-e^l`` (Goodfellow 2014, sec. 4): correct expected gradient ``-r``, very
     high variance. ``e^l`` is :func:`stable_exp`."""
     return _generator_term(lambda x: -stable_exp(x), l, weight)
 
 
 GENERATOR_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "minimax": generator_minimax,
-    "nonsat": generator_nonsat,
-    "n2ce_nonsat": generator_n2ce_nonsat,
-    "kl": generator_reverse_kl,
-    "mle": generator_mle,
+    "minimax": generator_minimax, "nonsat": generator_nonsat, "n2ce_nonsat": generator_n2ce_nonsat,
+    "kl": generator_reverse_kl, "mle": generator_mle,
 }
 
 

@@ -50,10 +50,11 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 def vp_quadratic_sigmas(denoiser: Denoiser, n: int) -> torch.Tensor:
     r"""DxMI's "quadratic" few-step schedule (from FastDPM / SFT-PG's VAR noise).
 
-    ``n`` step betas grow quadratically, ``b_i = b_0 (1 + i c)^2`` (``b_0 = 1 - abar(sigma_min)``), with ``c``
-    chosen by bisection so that ``prod_i (1 - b_i) = abar(sigma_max)``: the ``n`` cumulative products
-    ``g_k = prod_{i<=k} (1 - b_i)`` span the teacher's whole range ``[sigma_min, sigma_max]``, dense at low noise.
-    Returns ``sigma_k = sqrt((1 - g_k)/g_k)`` for ``k = n-1 .. 0``, then 0.
+    ``n`` step betas grow quadratically, ``b_i = b_0 (1 + i c)^2`` (``b_0 = 1 - abar(sigma_min)``), and the
+    cumulative products ``g_k = prod_{i<=k} (1 - b_i)`` give ``sigma_k = sqrt((1 - g_k)/g_k)`` (returned for
+    ``k = n-1 .. 0``, then 0), dense at low noise. ``c`` is bisected on DxMI's interval ``[0, 0.95/(sqrt(b_0) n)]``
+    (every ``b_i < 1``) for ``g_{n-1} = abar(sigma_max)``; when even its top end adds too little noise the schedule
+    stops short, as in DxMI: ``n = 10`` on the 1000-step linear DDPM schedule tops out at sigma ~ 6.86.
     """
     if n == 1:
         return _with_zero(torch.tensor([denoiser.sigma_max]))
@@ -82,7 +83,7 @@ def vp_uniform_sigmas(denoiser: Denoiser, n: int) -> torch.Tensor:
         raise ValueError(f"uniform spacing needs a discrete-time (VP) denoiser, got {type(denoiser).__name__}")
     if not 1 <= n <= grid.numel():
         raise ValueError(f"uniform spacing takes 1 <= n <= {grid.numel()} steps, got {n}")
-    t = torch.linspace(grid.numel() - 1, 0, n).round().long() if n > 1 else torch.tensor([grid.numel() - 1])
+    t = torch.linspace(grid.numel() - 1, 0, n).round().long()
     return _with_zero(grid.detach().cpu()[t])
 
 

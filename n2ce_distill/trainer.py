@@ -20,12 +20,12 @@ from ema_pytorch import EMA
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .config import RecipeConfig
+from .config import DataConfig, RecipeConfig
 from .data import build_dataset, infinite_loader
 from .methods import build_method
 from .visualize import save_samples
 
-__all__ = ["NonFiniteError", "Trainer"]
+__all__ = ["NonFiniteError", "Trainer", "dataset_from_config"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         set_seed(recipe.seed)
-        self.dataset = build_dataset(recipe.data)
+        self.dataset = dataset_from_config(recipe.data, recipe.seed)
         self.method = build_method(recipe, self.dataset)
         self.method_optimizers = self.method.optimizers()
         self.ema = EMA(
@@ -215,6 +215,16 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.method.load_extra_state(state["method"])
         log.info("resumed from %s at step %d", path, self.step)
+
+
+def dataset_from_config(cfg: DataConfig, seed: int):
+    """The recipe's data set (images in [-1, 1] or 2-D points), without labels."""
+    kwargs = {
+        "image-folder": {"root": cfg.root, "image_size": cfg.image_size or 32},
+        "cifar10": {"root": cfg.root or "data/cifar10"},
+        "digits": {},
+    }.get(cfg.name, {"n": cfg.num_points, "seed": seed})
+    return build_dataset(cfg.name, **kwargs)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

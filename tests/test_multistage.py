@@ -67,7 +67,8 @@ def test_multistage_critic_sums_heads_and_passes_arguments():
         MultiStageCritic([])
 
 
-@pytest.mark.parametrize("objective", [NCE(), N2CE(M=100.0, ratio_reg=0.5), NWJ(), CD(ratio_reg=1.0)], ids=repr)
+@pytest.mark.parametrize("objective", [NCE(), N2CE(M=100.0, ratio_reg=0.5), NWJ(), CD(ratio_reg=1.0)],
+                         ids=repr)
 def test_one_stage_is_the_single_stage_objective(objective):
     g = torch.Generator().manual_seed(1)
     xd, xn = 2 + torch.randn(32, generator=g, dtype=DTYPE), torch.randn(32, generator=g, dtype=DTYPE)
@@ -88,8 +89,9 @@ def test_loss_is_sum_of_adjacent_stage_losses():
     expected = sum(objective(h(xs[k]), h(xs[k + 1])) for k, h in enumerate(heads))
     torch.testing.assert_close(multistage_loss(MultiStageCritic(heads), objective, xd, xn, a), expected)
     # a defaults to linear waymarks for K stages; a length mismatch is an error
-    torch.testing.assert_close(multistage_loss(MultiStageCritic(heads), objective, xd, xn),
-                               multistage_loss(MultiStageCritic(heads), objective, xd, xn, waymark_coefficients(3)))
+    critic = MultiStageCritic(heads)
+    torch.testing.assert_close(multistage_loss(critic, objective, xd, xn),
+                               multistage_loss(critic, objective, xd, xn, waymark_coefficients(3)))
     with pytest.raises(ValueError, match="stages"):
         multistage_loss(MultiStageCritic(heads), objective, xd, xn, waymark_coefficients(2))
 

@@ -30,12 +30,12 @@ class TeacherTraining(Method):
         if len(sample_shape) == 3:
             net = tiny_unet(sample_shape[-1], sample_shape[0], block_out_channels=tuple(net_cfg.block_out_channels))
         else:
-            net = ToyMLP(in_features=sample_shape[0], hidden_features=net_cfg.hidden_features, num_layers=net_cfg.num_layers)
+            net = ToyMLP(dim=sample_shape[0], width=net_cfg.hidden_features, depth=net_cfg.num_layers)
         if net_cfg.parameterization == "vp-eps":
             scheduler = DDPMScheduler(num_train_timesteps=net_cfg.num_train_timesteps)
             self.nets["denoiser"] = VPEpsilonDenoiser(net, scheduler)
         else:
-            self.nets["denoiser"] = EDMDenoiser(net, sample_shape=sample_shape)
+            self.nets["denoiser"] = EDMDenoiser(net)
 
     @property
     def ema_name(self) -> str:

@@ -1,0 +1,55 @@
+"""Shared helpers for the benchmarks: markdown tables, number formatting, PNG figures.
+
+Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot), so benchmarks never touch
+global plotting state or need a display backend.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+from matplotlib.figure import Figure
+
+__all__ = ["markdown_table", "fmt", "new_figure", "save_figure"]
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A float with ``digits`` significant digits (``%g`` style); ints and strings pass through."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}g}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub markdown table; non-string cells are formatted with :func:`fmt`."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    if any(len(row) != len(headers) for row in cells):
+        raise ValueError("every row must have one cell per header")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def new_figure(ncols: int = 1, width: float = 5.0, height: float = 4.0):
+    """A figure with ``ncols`` side-by-side axes; returns ``(fig, axes_list)``."""
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def save_figure(fig: Figure, out: Path, name: str) -> Path:
+    """Save ``fig`` as ``out/name`` (PNG, 120 dpi), creating ``out``; returns the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    fig.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny teachers saved locally in the diffusers layout (nothing comes from a hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from n2ce_distill.denoisers import EDMDenoiser, VPEpsilonDenoiser
+from n2ce_distill.nets import ToyMLP, tiny_unet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def vp_teacher(tmp_path_factory) -> Path:
+    """An untrained 8x8 DDPM (VP epsilon) teacher: the digits shape."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vp_teacher")
+    net = tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4)
+    VPEpsilonDenoiser(net, DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def edm_unet_teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("edm_unet_teacher")
+    EDMDenoiser(tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("toy_teacher")
+    EDMDenoiser(ToyMLP(dim=2, width=32, depth=2)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """Write a recipe dict to a YAML file and return its path."""
+    import yaml
+
+    def write(recipe: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write

@@ -1,0 +1,86 @@
+import pytest
+
+from n2ce_distill.config import ConfigError, RecipeConfig, load_recipe, parse_overrides
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def base(recipe_file, vp_teacher):
+    return recipe_file({"method": {"name": "dxmi"}, "data": {"name": "digits"}, "teacher": {"path": str(vp_teacher)}})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path, vp_teacher):
+    """Hub teachers and data folders do not exist here; everything else in the recipe must validate."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    overrides = [f"teacher.path={vp_teacher}"] if "teacher" in raw else []
+    if raw["data"]["name"] in ("image-folder", "cifar10"):
+        overrides += ["data.name=digits", "data.root=null", "data.image_size=null"]
+    recipe = load_recipe(path, overrides)
+    assert recipe.method.name in path.stem or recipe.method.name == "teacher"
+
+
+def test_overrides_are_nested_and_typed():
+    assert parse_overrides(["critic.objective=nce", "train.max_steps=10", "train.ema.beta=0.5"]) == {
+        "critic": {"objective": "nce"},
+        "train": {"max_steps": 10, "ema": {"beta": 0.5}},
+    }
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["critic.objective"])
+
+
+def test_one_key_swaps_the_objective(base):
+    assert load_recipe(base).critic.objective == "n2ce"
+    assert load_recipe(base, ["critic.objective=nce"]).critic.objective == "nce"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("critic.objectve=nce", "critic.objectve: unknown key; did you mean 'critic.objective'?"),
+        ("method.tau3=1", "method.tau3: unknown key; did you mean 'method.tau2'?"),
+        ("train.ema.bta=0.9", "train.ema.bta: unknown key; did you mean 'train.ema.beta'?"),
+        ("critic.M=0", "critic.M: Input should be greater than 0"),
+        ("critic.M=-3", "critic.M: Input should be greater than 0"),
+        ("method.num_steps=0", "method.num_steps: Input should be greater than or equal to 1"),
+        ("train.lr=0", "train.lr: Input should be greater than 0"),
+        ("train.batch_size=0", "train.batch_size: Input should be greater than or equal to 1"),
+        ("train.batch_size=many", "train.batch_size: Input should be a valid integer"),
+        ("critic.objective=bce", "critic.objective: Input should be 'cd', 'nce', 'n2ce', 'nwj' or 'gan'"),
+        ("teacher.path=assets/missing-teacher", "teacher.path: folder 'assets/missing-teacher' not found"),
+        ("data.name=image-folder", "data.root: the image-folder data set needs a folder"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(base, override, message):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(base, [override])
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_image_folder_is_named(base, tmp_path):
+    with pytest.raises(ConfigError, match="data.root: folder .* not found"):
+        load_recipe(base, ["data.name=image-folder", f"data.root={tmp_path / 'nope'}"])
+
+
+def test_hub_ids_pass_validation_but_local_looking_paths_must_exist(base):
+    assert load_recipe(base, ["teacher.path=google/ddpm-cifar10-32"]).teacher.path == "google/ddpm-cifar10-32"
+
+
+def test_distillation_needs_a_teacher(recipe_file):
+    path = recipe_file({"method": {"name": "sid"}, "data": {"name": "digits"}})
+    with pytest.raises(ConfigError, match="teacher: method 'sid' distils a teacher"):
+        load_recipe(path)
+
+
+def test_file_problems_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_recipe(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import torch
+
+from n2ce_distill.denoisers import load_denoiser
+from n2ce_distill.fewstep import FewStepSampler
+from n2ce_distill.pipelines import FewStepPipeline, load_sample_source
+from n2ce_distill.samplers import few_step_sigmas
+
+
+@pytest.fixture(params=["vp_teacher", "edm_unet_teacher", "toy_teacher"])
+def sampler(request):
+    denoiser = load_denoiser(request.getfixturevalue(request.param))
+    sampler = FewStepSampler(denoiser, few_step_sigmas(denoiser, 3), last_scale=1e-3)
+    with torch.no_grad():
+        sampler.log_scales[:-1] += 0.3  # learned scales must survive the export
+    return sampler
+
+
+def test_export_and_reload_give_the_same_samples(sampler, tmp_path):
+    FewStepPipeline.from_sampler(sampler).save_pretrained(tmp_path / "pipe")
+    pipe = FewStepPipeline.from_pretrained(tmp_path / "pipe")
+    expected = sampler.sample(4, generator=torch.Generator().manual_seed(7)).clamp(-1, 1)
+    got = pipe(batch_size=4, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    torch.testing.assert_close(got, expected)
+    source = load_sample_source(tmp_path / "pipe")
+    torch.testing.assert_close(source(4, torch.Generator().manual_seed(7)), expected)
+
+
+def test_called_like_ddpm_pipeline(vp_teacher, tmp_path):
+    denoiser = load_denoiser(vp_teacher)
+    FewStepPipeline.from_sampler(FewStepSampler(denoiser, few_step_sigmas(denoiser, 2))).save_pretrained(tmp_path)
+    pipe = FewStepPipeline.from_pretrained(tmp_path)
+    images = pipe(batch_size=3, generator=torch.Generator().manual_seed(0)).images
+    assert len(images) == 3 and images[0].size == (8, 8)
+    array = pipe(batch_size=2, output_type="np", return_dict=False)[0]
+    assert array.shape == (2, 8, 8, 1) and 0 <= array.min() and array.max() <= 1
+
+
+def test_points_refuse_pil(toy_teacher, tmp_path):
+    denoiser = load_denoiser(toy_teacher)
+    FewStepPipeline.from_sampler(FewStepSampler(denoiser, few_step_sigmas(denoiser, 2))).save_pretrained(tmp_path)
+    pipe = FewStepPipeline.from_pretrained(tmp_path)
+    assert isinstance(pipe(batch_size=5, output_type="np").images, np.ndarray)
+    with pytest.raises(ValueError, match="output_type: 'pil' needs image samples"):
+        pipe(batch_size=2)
+
+
+def test_teacher_source_needs_steps(vp_teacher, tmp_path):
+    with pytest.raises(ValueError, match="needs a number of sampling steps"):
+        load_sample_source(vp_teacher)
+    x = load_sample_source(vp_teacher, steps=3, method="euler")(2, torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 8, 8)
+    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+        load_sample_source(tmp_path)
