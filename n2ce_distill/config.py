@@ -42,6 +42,7 @@ class _Strict(BaseModel):
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+_NAMES_KEY = re.compile(r"^[\w.]+: ")  # a validator message that already starts with its key
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -86,6 +87,12 @@ class CriticConfig(_Strict):
     hidden_features: int = Field(256, ge=1)  # MLP critic for vector data
     num_layers: int = Field(3, ge=1)
     lr: PositiveFloat = 1e-5  # DxMI CIFAR-10 value/critic learning rate
+
+    @model_validator(mode="after")
+    def _blocks_per_stage(self) -> "CriticConfig":
+        if not self.channels or self.num_res_blocks < len(self.channels):
+            raise ValueError(f"critic.num_res_blocks: needs at least one block per stage of critic.channels ({len(self.channels)})")
+        return self
 
 
 class EMAConfig(_Strict):
@@ -237,7 +244,7 @@ def _one_line(error: ValidationError) -> str:
         suggestion = f"; did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}?" if hint else ""
         return f"{key}: unknown key{suggestion}"
     message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "value_error" and (not loc or message.startswith(f"{key}:")):
+    if first["type"] == "value_error" and (not loc or _NAMES_KEY.match(message)):
         return message  # validators already name their key
     return f"{key}: {message} (got {first.get('input')!r})"
 

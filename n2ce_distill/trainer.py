@@ -196,7 +196,7 @@ class Trainer:
         def write(tmp: Path) -> None:
             acc.save_state(str(tmp), safe_serialization=True)
             if acc.is_main_process:
-                checkpoints.save_module(self.ema.ema_model, tmp / "ema.safetensors")
+                checkpoints.save_module(self.ema, tmp / "ema.safetensors")  # with its step counter
                 (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=1))
                 self.method.export(self.ema.ema_model, tmp / "pipeline")
 
@@ -209,7 +209,7 @@ class Trainer:
             log.info("no checkpoint in %s; starting from scratch", self.output_dir)
             return
         self.accelerator.load_state(str(path))
-        checkpoints.load_module(self.ema.ema_model, path / "ema.safetensors")
+        checkpoints.load_module(self.ema, path / "ema.safetensors")
         state = checkpoints.read_json(path / "trainer_state.json")
         self.step, self.skipped_steps, self.best_fid = state["step"], state["skipped_steps"], state["best_fid"]
         self.loader.load_state_dict(state["loader"])

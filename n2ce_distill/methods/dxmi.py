@@ -34,14 +34,15 @@ SAMPLER_CLIP = 0.1  # DxMI clips the sampler's gradient norm at 0.1
 
 
 def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: bool = False) -> nn.Module:
-    """Convolutional ResNet critic for images, MLP critic for vectors."""
+    """Convolutional ResNet critic for images, MLP critic for vectors; ``conditioned`` on a step index."""
     if len(sample_shape) == 3:
         return ConvCritic(
-            in_channels=sample_shape[0], channels=tuple(cfg.channels), num_res_blocks=cfg.num_res_blocks, conditioned=conditioned
+            in_channels=sample_shape[0], channels=tuple(cfg.channels), num_res_blocks=cfg.num_res_blocks,
+            conditioned=conditioned, cond_scale="linear",
         )
     return MLPCritic(
         in_features=int(torch.tensor(sample_shape).prod()), hidden_features=cfg.hidden_features,
-        num_layers=cfg.num_layers, conditioned=conditioned,
+        num_layers=cfg.num_layers, conditioned=conditioned, cond_scale="linear",
     )
 
 

@@ -1,0 +1,106 @@
+"""The generic trainer: resume equivalence, crash safety, non-finite guards, FID-free smoke runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from n2ce_distill.config import load_recipe
+from n2ce_distill.trainer import NonFiniteError, Trainer
+
+TINY = [
+    "train.batch_size=8", "train.log_every=1", "train.sample_every=1000", "critic.channels=[8, 16]",
+    "critic.num_res_blocks=2", "critic.hidden_features=16", "critic.num_layers=2",
+]
+
+
+@pytest.fixture
+def dxmi_recipe(recipe_file, vp_teacher):
+    return recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"}, "teacher": {"path": str(vp_teacher)}})
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    folder = run / f"checkpoint-{step}"
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors |= {f"{path.name}:{k}": v for k, v in load_file(str(path)).items()}
+    for path in sorted(folder.glob("optimizer*.bin")):
+        state = torch.load(path, weights_only=True)["state"]
+        tensors |= {f"{path.name}:{i}:{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}
+    return tensors
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_equals_uninterrupted_run(dxmi_recipe, tmp_path):
+    steps = ["train.max_steps=4", "train.checkpoint_every=2", *TINY]
+    Trainer(load_recipe(dxmi_recipe, steps), tmp_path / "straight").train()
+    first = load_recipe(dxmi_recipe, ["train.max_steps=2", "train.checkpoint_every=2", *TINY])
+    Trainer(first, tmp_path / "resumed").train()
+    Trainer(load_recipe(dxmi_recipe, steps), tmp_path / "resumed", resume="latest").train()
+    _assert_same(_weights(tmp_path / "straight", 4), _weights(tmp_path / "resumed", 4))
+    state = (tmp_path / "resumed" / "checkpoint-4" / "trainer_state.json").read_text()
+    assert state == (tmp_path / "straight" / "checkpoint-4" / "trainer_state.json").read_text()
+
+
+def test_total_limit_and_exported_pipeline(dxmi_recipe, tmp_path):
+    recipe = load_recipe(dxmi_recipe, ["train.max_steps=3", "train.checkpoint_every=1", "train.checkpoint_total_limit=2", *TINY])
+    final = Trainer(recipe, tmp_path).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (final / "model_index.json").is_file() and (tmp_path / "checkpoint-3" / "pipeline" / "few_step").is_dir()
+    assert list((tmp_path / "logs").rglob("events.out.tfevents*")), "TensorBoard logs missing"
+
+
+def test_nonfinite_loss_stops_with_step_and_term(dxmi_recipe, tmp_path, monkeypatch):
+    recipe = load_recipe(dxmi_recipe, ["train.max_steps=4", "train.checkpoint_every=1", *TINY])
+    trainer = Trainer(recipe, tmp_path)
+    original = trainer.method.objective
+
+    def poisoned(ld, ln, **kw):
+        loss = original(ld, ln, **kw)
+        return loss * float("nan") if trainer.step == 2 else loss
+
+    monkeypatch.setattr(trainer.method, "objective", poisoned)
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite critic loss .*last good checkpoint is kept"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_nonfinite_steps_can_be_skipped(dxmi_recipe, tmp_path, monkeypatch):
+    recipe = load_recipe(dxmi_recipe, ["train.max_steps=3", "train.checkpoint_every=3", "train.on_nonfinite=skip", *TINY])
+    trainer = Trainer(recipe, tmp_path)
+    original = trainer.method.objective
+    monkeypatch.setattr(trainer.method, "objective", lambda ld, ln, **kw: original(ld, ln) * (float("inf") if trainer.step == 1 else 1))
+    trainer.train()
+    assert trainer.skipped_steps == 1
+    params = torch.cat([p.detach().flatten() for p in trainer.method.nets["critic"].parameters()])
+    assert torch.isfinite(params).all()
+
+
+def test_sigkill_then_resume_matches(dxmi_recipe, tmp_path):
+    """Kill a real training process with SIGKILL after its first checkpoint, resume, compare weights."""
+    args = [str(dxmi_recipe), "train.max_steps=6", "train.checkpoint_every=2", *TINY]
+    cli = [sys.executable, "-m", "n2ce_distill.cli", "train"]
+    subprocess.run([*cli, *args, "--output-dir", str(tmp_path / "straight")], check=True, capture_output=True)
+    proc = subprocess.Popen([*cli, *args, "--output-dir", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "checkpoint-2").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    complete = sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*"))
+    assert complete and "checkpoint-6" not in complete, "the kill came too late to test anything"
+    subprocess.run([*cli, *args, "--output-dir", str(tmp_path / "killed"), "--resume", "latest"], check=True, capture_output=True)
+    _assert_same(_weights(tmp_path / "straight", 6), _weights(tmp_path / "killed", 6))
