@@ -76,6 +76,7 @@ class TeacherNetConfig(_Strict):
     hidden_features: int = Field(128, ge=1)  # ToyMLP width for 2-D data
     num_layers: int = Field(4, ge=1)  # ToyMLP depth
     num_train_timesteps: int = Field(1000, ge=2)  # DDPM schedule length (vp-eps)
+    sigma_data: PositiveFloat = 0.5  # EDM data scale; 2-D toys are wider than images in [-1, 1]
 
 
 class CriticConfig(_Strict):

@@ -172,6 +172,8 @@ def reference_input(ref, rgb: bool, tag: str):
         )
     if check_path(ref, "reference").suffix == ".npz":
         with np.load(path) as z:
+            if not {"mu", "sigma"} <= set(z.files):
+                raise ValueError(f"statistics file {ref} lacks mu and sigma (has {', '.join(z.files)})")
             return None, None, None, {k: z[k] for k in z.files}
     files = image_files(path)
     listing = (f"{Path(f).name}:{Path(f).stat().st_size}:{Path(f).stat().st_mtime_ns}".encode() for f in files)

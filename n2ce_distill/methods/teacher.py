@@ -30,12 +30,14 @@ class TeacherTraining(Method):
         if len(sample_shape) == 3:
             net = tiny_unet(sample_shape[-1], sample_shape[0], block_out_channels=tuple(net_cfg.block_out_channels))
         else:
-            net = ToyMLP(dim=sample_shape[0], width=net_cfg.hidden_features, depth=net_cfg.num_layers)
+            # EDM's c_noise = ln(sigma)/4 spans a narrow range: Fourier features resolve it, DDPM sinusoids do not
+            embedding = "fourier" if net_cfg.parameterization == "edm" else "positional"
+            net = ToyMLP(dim=sample_shape[0], width=net_cfg.hidden_features, depth=net_cfg.num_layers, time_embedding_type=embedding)
         if net_cfg.parameterization == "vp-eps":
             scheduler = DDPMScheduler(num_train_timesteps=net_cfg.num_train_timesteps)
             self.nets["denoiser"] = VPEpsilonDenoiser(net, scheduler)
         else:
-            self.nets["denoiser"] = EDMDenoiser(net)
+            self.nets["denoiser"] = EDMDenoiser(net, sigma_data=net_cfg.sigma_data)
 
     @property
     def ema_name(self) -> str:

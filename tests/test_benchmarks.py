@@ -1,0 +1,128 @@
+"""Benchmarks: each runs in quick mode, returns its markdown table and writes its PNG; plus cheap checks
+of the properties the benchmarks exist to show."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from n2ce_distill.benchmarks import BENCHMARKS, chasm, mle_gradient, u_curve
+from n2ce_distill.benchmarks.report import fmt, markdown_table
+
+
+def _table(text: str) -> tuple[list[str], list[list[str]]]:
+    """Header and body cells of the first markdown table in ``text``."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    split = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert set(lines[1].replace("|", "").split()) == {"---"}
+    return split[0], split[2:]
+
+
+def test_registry_names():
+    assert set(BENCHMARKS) == {"chasm", "mle_gradient", "u_curve", "overhead"}
+    assert all(callable(fn) for fn in BENCHMARKS.values())
+
+
+def test_markdown_table_and_fmt():
+    text = markdown_table(["a", "b"], [[1, 0.123456], ["x", float("inf")]])
+    assert text.splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 0.123 |", "| x | inf |"]
+    assert fmt(12345.0) == "1.23e+04"
+    with pytest.raises(ValueError):
+        markdown_table(["a"], [[1, 2]])
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, {name: fn(quick=True, out=out) for name, fn in BENCHMARKS.items()}
+
+
+def test_chasm_quick(quick_results):
+    out, results = quick_results
+    header, rows = _table(results["chasm"])
+    assert header == ["method", "d=40 (KL 10)"]
+    assert [r[0] for r in rows] == [m.label for m in chasm.METHODS]
+    assert (out / "chasm.png").stat().st_size > 0
+    est = {r[0]: float(r[1].split()[0]) for r in rows}
+    assert all(math.isfinite(v) for v in est.values())
+    # the point of the benchmark: magnifying the noise pulls the estimate towards the truth (10 nats)
+    assert abs(est["N2CE M=1000"] - 10) < abs(est["NCE"] - 10)
+
+
+def test_mle_gradient_quick(quick_results):
+    out, results = quick_results
+    header, rows = _table(results["mle_gradient"])
+    assert header[0] == "M" and len(header) == 8
+    assert [r[0] for r in rows] == ["1", "10", "100", "1000", "1e+04", "MLE"]
+    assert (out / "mle_gradient.png").stat().st_size > 0
+    errors = [float(r[2]) for r in rows[:-1]]
+    assert all(a > b for a, b in zip(errors, errors[1:]))  # bias shrinks monotonically in M
+    # SCE: the measured ratio is exactly M/(M+1)
+    assert all(r[4] == r[5] for r in rows)
+
+
+def test_u_curve_quick(quick_results):
+    out, results = quick_results
+    header, rows = _table(results["u_curve"])
+    assert header[:4] == ["n", "sqrt(n)", "M*", "C = M*/sqrt(n)"]
+    assert [int(r[0]) for r in rows] == list(u_curve.NS)
+    assert (out / "u_curve.png").stat().st_size > 0
+    for r in rows:
+        at_one, best, at_inf = float(r[5]), float(r[6]), float(r[7])
+        assert best <= at_one and best <= at_inf
+
+
+def test_overhead_quick(quick_results):
+    out, results = quick_results
+    header, rows = _table(results["overhead"])
+    assert header == ["variant", "noise samples / step", "median step (ms)", "IQR (ms)", "ratio to NCE"]
+    assert [r[0] for r in rows] == ["NCE", "N2CE (M=100)", "naive copies (M=4)"]
+    assert rows[0][4] == "1.000" and all(float(r[4]) > 0 for r in rows)
+    assert int(rows[2][1]) == 4 * int(rows[0][1])
+    assert (out / "overhead.png").stat().st_size > 0
+
+
+# exact properties, cheaper than a quick run
+
+def test_mle_gradient_matches_spec_reference():
+    quad = mle_gradient.gauss_hermite_2d(40)
+    g1 = mle_gradient.expected_gradient((1.0, 0.0), 1.0, quad)
+    g100 = mle_gradient.expected_gradient((1.0, 0.0), 100.0, quad)
+    assert torch.allclose(g1, torch.tensor([0.324, 0.316], dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(g100, torch.tensor([1.628, 2.569], dtype=torch.float64), atol=1e-3)
+    # at mu = 0 the critic is 0 (r = 1), so N2CE is exactly M/(M+1) times the MLE gradient
+    for M in (1.0, 10.0, 1e3):
+        g = mle_gradient.expected_gradient((0.0, 0.0), M, quad)
+        assert torch.allclose(g, M / (M + 1) * mle_gradient.mle_gradient((0.0, 0.0)), rtol=1e-10)
+
+
+def test_mle_gradient_sce_is_half_for_nce():
+    quad = mle_gradient.gauss_hermite_2d(30)
+    mu = (2.0, -1.0)
+    g = mle_gradient.expected_gradient(mu, 1.0, quad, self_contrastive=True)
+    assert torch.allclose(g, 0.5 * mle_gradient.mle_gradient(mu), rtol=1e-10)
+
+
+def test_chasm_model_and_sampler():
+    gen = torch.Generator().manual_seed(0)
+    dim, kl = 8, 2.0
+    rho = chasm.block_correlation(dim, kl)
+    x = chasm.sample_p(200_000, dim, rho, gen)
+    cov = x.T @ x / len(x)
+    assert abs(cov[0, 1] - rho) < 0.01 and abs(cov[0, 2]) < 0.01
+    # the true log-ratio is representable: A = S^-1 - I, d*beta = KL, and then E_p l = KL
+    critic = chasm.QuadraticCritic(dim)
+    block = torch.linalg.inv(torch.tensor([[1.0, rho], [rho, 1.0]])) - torch.eye(2)
+    with torch.no_grad():
+        critic.weight.copy_(torch.block_diag(*[block] * (dim // 2)))
+        critic.beta.fill_(kl / dim)
+        assert abs(float(critic(x).mean()) - kl) < 0.05
+
+
+def test_u_curve_best_M_parabola():
+    Ms = u_curve.m_grid(per_decade=2, lo=0, hi=4)
+    mse = (Ms.log() - math.log(100.0)).square() + 1.0  # exact minimum at M = 100
+    m_star, lo, hi = u_curve.best_M(Ms, mse)
+    assert m_star == pytest.approx(100.0, rel=1e-6) and lo <= 100.0 <= hi
