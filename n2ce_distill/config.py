@@ -117,6 +117,11 @@ class TrainConfig(_Strict):
     log_every: int = Field(50, ge=1)
     on_nonfinite: Literal["error", "skip"] = "error"
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
+
 
 class EvalConfig(_Strict):
     fid_every: int = Field(0, ge=0)  # 0 disables the in-training FID hook

@@ -20,7 +20,7 @@ from .denoisers import denoiser_from_components, load_denoiser
 from .fewstep import FewStepSampler
 from .samplers import teacher_sample
 
-__all__ = ["FewStepPipeline", "FewStepScheduler", "load_sample_source"]
+__all__ = ["FewStepPipeline", "FewStepScheduler", "clamp_images", "load_sample_source"]
 
 SampleSource = Callable[[int, torch.Generator], torch.Tensor]
 
@@ -67,7 +67,7 @@ class FewStepPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        samples = self.sampler().sample(batch_size, generator=generator).clamp(-1, 1)
+        samples = clamp_images(self.sampler().sample(batch_size, generator=generator))
         if samples.dim() != 4:  # 2-D points: only tensors make sense
             if output_type == "pil":
                 raise ValueError("output_type: 'pil' needs image samples; use 'pt' or 'np' for vector data")
@@ -92,8 +92,13 @@ def load_sample_source(path: str | Path, steps: int | None = None, method: str =
     if steps is None and '"FewStepPipeline"' in index.read_text():
         pipe = FewStepPipeline.from_pretrained(str(path)).to(device)
         sampler = pipe.sampler()
-        return lambda n, g: sampler.sample(n, generator=g).clamp(-1, 1)
+        return lambda n, g: clamp_images(sampler.sample(n, generator=g))
     if steps is None:
         raise ValueError(f"{path}: a teacher needs a number of sampling steps (PATH@STEPS)")
     denoiser = load_denoiser(str(path)).to(device).eval()
-    return lambda n, g: teacher_sample(denoiser, n, steps=steps, method=method, generator=g).clamp(-1, 1)
+    return lambda n, g: clamp_images(teacher_sample(denoiser, n, steps=steps, method=method, generator=g))
+
+
+def clamp_images(samples: torch.Tensor) -> torch.Tensor:
+    """Images live in [-1, 1]; points (2-D toys) are left as they are."""
+    return samples.clamp(-1, 1) if samples.dim() == 4 else samples
