@@ -74,18 +74,21 @@ class FewStepSampler(nn.Module):
         value_fn: ValueFn | None = None,
         guidance: float = 0.0,
         return_trajectory: bool = False,
+        noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
     ):
         """Sample ``batch_size`` points; optional value guidance ``x -= g s_k grad V(x, k+1)``.
 
-        V is a cost-to-go here (the sampler minimises it), so guidance descends it.
+        V is a cost-to-go here (the sampler minimises it), so guidance descends it. ``noise(shape)``
+        replaces the standard-normal draws (default: from ``generator``).
         """
         device = self.sigmas.device
         shape = (batch_size, *self.denoiser.sample_shape)
-        x = self.sigmas[0] * torch.randn(shape, generator=generator, device=device)
+        noise = noise or (lambda s: torch.randn(s, generator=generator, device=device))
+        x = self.sigmas[0] * noise(shape)
         trajectory = [x]
         for k in range(self.num_steps):
             ks = torch.full((batch_size,), k, device=device, dtype=torch.long)
-            x = self(x, ks, torch.randn(shape, generator=generator, device=device))
+            x = self(x, ks, noise(shape))
             if value_fn is not None and guidance and k + 1 < self.num_steps:
                 with torch.enable_grad():
                     leaf = x.detach().requires_grad_(True)

@@ -53,6 +53,7 @@ class Trainer:
         set_seed(recipe.seed)
         self.dataset = dataset_from_config(recipe.data, recipe.seed)
         self.method = build_method(recipe, self.dataset)
+        self.method.shard = (self.accelerator.process_index, self.accelerator.num_processes)
         self.method_optimizers = self.method.optimizers()
         self.ema = EMA(
             self.method.nets[self.method.ema_name],

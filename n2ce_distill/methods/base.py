@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -38,6 +38,19 @@ class Method(ABC):
         self.recipe = recipe
         self.nets: dict[str, nn.Module] = {}
         self.frozen: dict[str, nn.Module] = {}
+        self.shard = (0, 1)  # (process index, number of processes), set by the trainer
+
+    def draw(self, sample: Callable[[int], torch.Tensor], batch_size: int) -> torch.Tensor:
+        """This process's rows of a random draw over the global batch.
+
+        Every process draws the whole global batch from the same RNG stream and keeps its slice, so
+        a run gives the same result on one process or many (same global batch).
+        """
+        rank, world = self.shard
+        return sample(batch_size * world)[rank * batch_size:(rank + 1) * batch_size]
+
+    def randn(self, batch_size: int, *shape: int, device: torch.device) -> torch.Tensor:
+        return self.draw(lambda n: torch.randn(n, *shape, device=device), batch_size)
 
     @abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:

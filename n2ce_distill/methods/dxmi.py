@@ -79,24 +79,28 @@ class DxMI(Method):
         return optimizers
 
     def value(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Cost-to-go ``V(x, k)``; at the final step it is the energy ``-l(x)``."""
-        terminal = -self.nets["critic"](x)
+        """Cost-to-go ``V(x, k)``; at the final step it is the energy ``-l(x)``.
+
+        Uses the bare networks: the value is read, not trained, here (and so never enters a
+        distributed gradient reduction).
+        """
+        terminal = -unwrap(self.nets["critic"])(x)
         if "value" not in self.nets:
             return terminal
         T = self.recipe.method.num_steps
-        return torch.where(k == T, terminal, self.nets["value"](x, k.float()))
+        return torch.where(k == T, terminal, unwrap(self.nets["value"])(x, k.float()))
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
         opts = self.recipe.method
         sampler = self.nets["sampler"]
-        B, T = batch.shape[0], opts.num_steps
+        B, T, device = batch.shape[0], opts.num_steps, batch.device
+        shape = tuple(batch.shape[1:])
         with torch.no_grad():
-            traj = unwrap(sampler).sample(B, return_trajectory=True)  # (T+1, B, ...)
+            noise = lambda s: self.randn(B, *shape, device=device)  # noqa: E731
+            traj = unwrap(sampler).sample(B, return_trajectory=True, noise=noise)  # (T+1, B, ...)
         x_now, x_next = traj[:-1], traj[1:]
-        flat = lambda t: t.reshape(T * B, *t.shape[2:])  # noqa: E731  (steps folded into the batch)
-        k = torch.arange(T, device=batch.device).repeat_interleave(B)
 
-        sq_step = (x_next - x_now).pow(2).flatten(2).mean(dim=(1, 2)).cpu()
+        sq_step = (x_next - x_now).pow(2).flatten(2).mean(dim=2).mean(dim=1).cpu()
         self.velocity = opts.velocity_momentum * self.velocity + (1 - opts.velocity_momentum) * sq_step
 
         # one forward over data and samples together: half the launches, one DDP forward per backward
@@ -107,15 +111,19 @@ class DxMI(Method):
                 "logit_noise": logits_noise.detach().mean()}
 
         if "value" in self.nets:
+            k_all = torch.arange(T, device=device).repeat_interleave(B)
             with torch.no_grad():
-                target = self.value(flat(x_next), k + 1)
-            value_loss = (self.nets["value"](flat(x_now), k.float()) - target).pow(2).mean()
+                target = self.value(x_next.reshape(T * B, *shape), k_all + 1)
+            value_loss = (self.nets["value"](x_now.reshape(T * B, *shape), k_all.float()) - target).pow(2).mean()
             update("value", value_loss, "value")
             logs["loss_value"] = value_loss.detach()
 
-        x_prev = flat(x_now)
-        x_new = sampler(x_prev, k, torch.randn_like(x_prev))
-        velocity = self.velocity.to(batch.device)[k]
+        # the sampler learns from B transitions drawn from the buffer (one random step per
+        # trajectory, all k mixed), so its cost per iteration does not grow with T
+        k = self.draw(lambda n: torch.randint(T, (n,), device=device), B)
+        x_prev = x_now[k, torch.arange(B, device=device)]
+        x_new = sampler(x_prev, k, self.randn(B, *shape, device=device))
+        velocity = self.velocity.to(device)[k]
         log_scale = unwrap(sampler).scales()[k].log()
         running = opts.tau2 * (x_new - x_prev).pow(2).flatten(1).mean(1) / (2 * velocity) - opts.tau1 * log_scale
         sampler_loss = (self.value(x_new, k + 1) + running).mean()

@@ -49,8 +49,9 @@ class TeacherTraining(Method):
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
         denoiser = unwrap(self.nets["denoiser"])
-        sigma = denoiser.sample_training_sigmas(len(batch)).to(batch.device)
-        noisy = batch + sigma.view(-1, *([1] * (batch.dim() - 1))) * torch.randn_like(batch)
+        sigma = self.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
+        noise = self.randn(len(batch), *batch.shape[1:], device=batch.device)
+        noisy = batch + sigma.view(-1, *([1] * (batch.dim() - 1))) * noise
         error = (self.nets["denoiser"](noisy, sigma) - batch).pow(2).flatten(1).mean(1)
         loss = (denoiser.loss_weight(sigma) * error).mean()
         update("denoiser", loss, "denoiser")
