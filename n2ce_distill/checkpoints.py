@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from accelerate.utils import load as accelerate_load
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "resolve",
     "save_checkpoint",
     "save_module",
+    "verify",
 ]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -94,6 +96,28 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], tot
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target
+
+
+def verify(folder: Path) -> None:
+    """Check every weight and state file of a checkpoint before anything is loaded from it.
+
+    safetensors headers are validated against the file size (catches truncation); other torch files
+    must load with ``weights_only=True`` (no pickled code runs; Accelerate's loader allow-lists the
+    numpy types its RNG states hold).
+    """
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: truncated or corrupted safetensors file ({exc})") from None
+    for path in sorted([*folder.glob("*.bin"), *folder.glob("*.pkl")]):
+        try:
+            accelerate_load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (any failure means the file cannot be trusted)
+            raise CheckpointError(f"{path}: unreadable with weights_only=True ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def save_module(module: torch.nn.Module, path: Path) -> None:

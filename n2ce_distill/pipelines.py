@@ -92,11 +92,11 @@ def load_sample_source(path: str | Path, steps: int | None = None, method: str =
     if steps is None and '"FewStepPipeline"' in index.read_text():
         pipe = FewStepPipeline.from_pretrained(str(path)).to(device)
         sampler = pipe.sampler()
-        return lambda n, g: clamp_images(sampler.sample(n, generator=g))
+        return torch.no_grad()(lambda n, g: clamp_images(sampler.sample(n, generator=g)))
     if steps is None:
         raise ValueError(f"{path}: a teacher needs a number of sampling steps (PATH@STEPS)")
     denoiser = load_denoiser(str(path)).to(device).eval()
-    return lambda n, g: clamp_images(teacher_sample(denoiser, n, steps=steps, method=method, generator=g))
+    return torch.no_grad()(lambda n, g: clamp_images(teacher_sample(denoiser, n, steps=steps, method=method, generator=g)))
 
 
 def clamp_images(samples: torch.Tensor) -> torch.Tensor:

@@ -209,6 +209,7 @@ class Trainer:
         if path is None:
             log.info("no checkpoint in %s; starting from scratch", self.output_dir)
             return
+        checkpoints.verify(path)
         self.accelerator.load_state(str(path))
         checkpoints.load_module(self.ema, path / "ema.safetensors")
         state = checkpoints.read_json(path / "trainer_state.json")

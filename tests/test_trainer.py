@@ -104,3 +104,15 @@ def test_sigkill_then_resume_matches(dxmi_recipe, tmp_path):
     assert complete and "checkpoint-6" not in complete, "the kill came too late to test anything"
     subprocess.run([*cli, *args, "--output-dir", str(tmp_path / "killed"), "--resume", "latest"], check=True, capture_output=True)
     _assert_same(_weights(tmp_path / "straight", 6), _weights(tmp_path / "killed", 6))
+
+
+@pytest.mark.parametrize("victim", ["model_1.safetensors", "optimizer.bin", "random_states_0.pkl", "ema.safetensors", "trainer_state.json"])
+def test_corrupted_checkpoint_is_named_on_resume(dxmi_recipe, tmp_path, victim):
+    from n2ce_distill.checkpoints import CheckpointError
+
+    recipe = load_recipe(dxmi_recipe, ["train.max_steps=1", "train.checkpoint_every=1", *TINY])
+    Trainer(recipe, tmp_path).train()
+    path = tmp_path / "checkpoint-1" / victim
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(CheckpointError, match=victim.replace(".", r"\.")):
+        Trainer(load_recipe(dxmi_recipe, ["train.max_steps=2", *TINY]), tmp_path, resume="latest")
