@@ -97,7 +97,8 @@ class CriticConfig(_Strict):
 
 
 class EMAConfig(_Strict):
-    beta: float = Field(0.999, ge=0, le=1)  # decay per update
+    beta: float = Field(0.999, ge=0, le=1)  # decay per update, reached after ema-pytorch's warm-up
+    power: float = Field(2 / 3, gt=0)  # warm-up: decay = min(beta, 1 - (1 + step)^-power); 1 reaches 0.999 at 1k steps
     update_after_step: int = Field(0, ge=0)
     update_every: int = Field(1, ge=1)
 

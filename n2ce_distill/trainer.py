@@ -60,6 +60,7 @@ class Trainer:
             beta=train.ema.beta,
             update_after_step=train.ema.update_after_step,
             update_every=train.ema.update_every,
+            power=train.ema.power,
             include_online_model=False,
         )
         self._prepare()

@@ -20,9 +20,12 @@ def _table(text: str) -> tuple[list[str], list[list[str]]]:
     return split[0], split[2:]
 
 
+OURS = ("chasm", "mle_gradient", "u_curve", "overhead")
+
+
 def test_registry_names():
-    assert set(BENCHMARKS) == {"chasm", "mle_gradient", "u_curve", "overhead"}
-    assert all(callable(fn) for fn in BENCHMARKS.values())
+    assert set(OURS) <= set(BENCHMARKS)
+    assert all(callable(BENCHMARKS[name]) for name in OURS)
 
 
 def test_markdown_table_and_fmt():
@@ -36,7 +39,7 @@ def test_markdown_table_and_fmt():
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return out, {name: fn(quick=True, out=out) for name, fn in BENCHMARKS.items()}
+    return out, {name: BENCHMARKS[name](quick=True, out=out) for name in OURS}
 
 
 def test_chasm_quick(quick_results):
@@ -55,7 +58,7 @@ def test_mle_gradient_quick(quick_results):
     out, results = quick_results
     header, rows = _table(results["mle_gradient"])
     assert header[0] == "M" and len(header) == 8
-    assert [r[0] for r in rows] == ["1", "10", "100", "1000", "1e+04", "MLE"]
+    assert [r[0] for r in rows] == ["1", "10", "100", "1000", "10000", "MLE"]
     assert (out / "mle_gradient.png").stat().st_size > 0
     errors = [float(r[2]) for r in rows[:-1]]
     assert all(a > b for a, b in zip(errors, errors[1:]))  # bias shrinks monotonically in M

@@ -1,0 +1,24 @@
+"""Density-ratio benchmarks (SPEC section 3): each ``run(quick: bool, out: Path) -> str`` returns a markdown
+table and saves a PNG plot into ``out``. ``n2ce-distill bench NAME [--quick] [--out DIR]`` runs one.
+
+- ``chasm``: the density chasm (TRE's d/4-nat Gaussians): NCE, N²CE(M), NWJ, TRE, multi-stage N²CE.
+- ``mle_gradient``: the expected N²CE gradient against the analytic MLE gradient, SCE, trajectories.
+- ``u_curve``: finite-sample gradient MSE against M for several n; best M against sqrt(n).
+- ``overhead``: critic step time of NCE, N²CE and a naive M-noise-copies implementation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from . import chasm, mle_gradient, overhead, u_curve
+
+__all__ = ["BENCHMARKS"]
+
+BENCHMARKS: dict[str, Callable[..., str]] = {
+    "chasm": chasm.run,
+    "mle_gradient": mle_gradient.run,
+    "u_curve": u_curve.run,
+    "overhead": overhead.run,
+}

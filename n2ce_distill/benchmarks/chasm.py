@@ -32,9 +32,9 @@ from torch import nn
 
 from ..multistage import MultiStageCritic, multistage_loss, waymark_coefficients
 from ..objectives import build_objective
-from .report import markdown_table, new_figure, save_figure
+from .report import markdown_table, new_figure, save_figure, single_thread
 
-__all__ = ["QuadraticCritic", "Method", "METHODS", "sample_p", "fit", "run"]
+__all__ = ["QuadraticCritic", "Method", "METHODS", "Problem", "block_correlation", "sample_p", "fit", "evaluate", "run"]
 
 Tensor = torch.Tensor
 
@@ -75,6 +75,9 @@ METHODS = (
     Method("TRE K=8 (NCE)", "nce", None, 8),
     Method("N2CE M=100, K=4", "n2ce", 100.0, 4),
 )
+LR = 3e-3  # Adam learning rate shared by every method (see the sensitivity table in the report)
+SENSITIVITY_LRS = (1e-3, 3e-3, 1e-2)
+SENSITIVITY_METHODS = ("NCE", "N2CE M=100", "N2CE M=1000", "TRE K=4 (NCE)")
 
 
 def block_correlation(dim: int, kl: float) -> float:
@@ -112,38 +115,84 @@ def fit(method: Method, x_data: Tensor, x_noise: Tensor, epochs: int, lr: float,
     return critic
 
 
-def run(quick: bool, out: Path, *, dims: tuple[int, ...] | None = None, epochs: int | None = None,
-        lr: float = 1e-2) -> str:
+@dataclass(frozen=True)
+class Problem:
+    """One chasm instance: training samples from p and q, and fresh test samples from both."""
+    dim: int
+    kl: float
+    x_data: Tensor
+    x_noise: Tensor
+    x_test: Tensor
+    x_test_noise: Tensor
+
+    @classmethod
+    def draw(cls, dim: int, num: int, generator: torch.Generator) -> "Problem":
+        kl = dim / 4
+        rho = block_correlation(dim, kl)
+        return cls(dim, kl, sample_p(num, dim, rho, generator), torch.randn(num, dim, generator=generator),
+                   sample_p(num, dim, rho, generator), torch.randn(num, dim, generator=generator))
+
+
+def evaluate(method: Method, problem: Problem, epochs: int, lr: float, batch_size: int,
+             generator: torch.Generator) -> tuple[float, float]:
+    """Fit ``method`` and return ``(E_p l, log E_q e^l)``: the KL estimate and the self-normalisation
+    (0 for a proper log-ratio; both expectations on fresh samples)."""
+    torch.manual_seed(0)
+    critic = fit(method, problem.x_data, problem.x_noise, epochs, lr, batch_size, generator)
+    with torch.no_grad():
+        log_z = torch.logsumexp(critic(problem.x_test_noise), 0) - math.log(len(problem.x_test_noise))
+        return float(critic(problem.x_test).mean()), float(log_z)
+
+
+def _cell(est: float, kl: float) -> str:
+    return f"{est:.2f} ({100 * (est / kl - 1):+.1f}%)"
+
+
+@single_thread()
+def run(quick: bool, out: Path) -> str:
     if quick:
-        dims, num, epochs = dims or (40,), 20_000, epochs or 6
+        dims, num, epochs = (40,), 20_000, 10
     else:
-        dims, num, epochs = dims or (40, 80, 160, 320), 100_000, epochs or 20
-    batch_size = 512
+        dims, num, epochs = (40, 80, 160, 320), 100_000, 20
+    batch_size, lr = 512, LR
     generator = torch.Generator().manual_seed(0)
     estimates = {m.label: [] for m in METHODS}
-    truths = [d / 4 for d in dims]
-    for dim, kl in zip(dims, truths):
-        rho = block_correlation(dim, kl)
-        x_data = sample_p(num, dim, rho, generator)
-        x_noise = torch.randn(num, dim, generator=generator)
-        x_test = sample_p(num, dim, rho, generator)
+    log_zs = {m.label: [] for m in METHODS}
+    problems = {}
+    for dim in dims:
+        problems[dim] = problem = Problem.draw(dim, num, generator)
         for method in METHODS:
-            torch.manual_seed(0)
-            critic = fit(method, x_data, x_noise, epochs, lr, batch_size, generator)
-            with torch.no_grad():
-                estimates[method.label].append(float(critic(x_test).mean()))
+            est, log_z = evaluate(method, problem, epochs, lr, batch_size, generator)
+            estimates[method.label].append(est)
+            log_zs[method.label].append(log_z)
+    truths = [d / 4 for d in dims]
     headers = ["method"] + [f"d={d} (KL {kl:g})" for d, kl in zip(dims, truths)]
-    rows = [[label] + [f"{est:.2f} ({100 * (est / kl - 1):+.1f}%)" for est, kl in zip(ests, truths)]
-            for label, ests in estimates.items()]
+    main = markdown_table(headers, [[label] + [_cell(e, kl) for e, kl in zip(ests, truths)]
+                                    for label, ests in estimates.items()])
+    norm = markdown_table(["method"] + [f"d={d}" for d in dims],
+                          [[label] + [f"{v:+.2f}" for v in values] for label, values in log_zs.items()])
+
+    # learning-rate sensitivity at the acceptance dimension (d = 160; the quick dimension in quick mode)
+    dim = 160 if 160 in problems else dims[-1]
+    column = dims.index(dim)
+    sens_rows = []
+    for label in SENSITIVITY_METHODS:
+        method = next(m for m in METHODS if m.label == label)
+        cells = [_cell(evaluate(method, problems[dim], epochs, other, batch_size, generator)[0], dim / 4)
+                 if other != lr else _cell(estimates[label][column], dim / 4) for other in SENSITIVITY_LRS]
+        sens_rows.append([label] + cells)
+    sens = markdown_table(["method"] + [f"lr {v:g}" for v in SENSITIVITY_LRS], sens_rows)
 
     fig, (ax,) = new_figure(1, width=6.5, height=5.0)
     for label, ests in estimates.items():
-        ax.plot(truths, ests, "o-" if "TRE" not in label and "K=" not in label else "s--", label=label)
+        ax.plot(truths, ests, "s--" if "K=" in label else "o-", label=label)
     ax.plot(truths, truths, "k:", lw=2, label="truth")
     ax.set(xlabel="true KL (nats)", ylabel="estimated KL = E_p l (nats)",
            title=f"density chasm, n={num} per side, {epochs} epochs, Adam lr {lr:g}")
     ax.legend(fontsize=7)
     save_figure(fig, out, "chasm.png")
-    setup = (f"n = {num} samples per side, batch {batch_size}, {epochs} epochs of Adam (lr {lr:g}, cosine decay) "
-             f"for every method; estimate = E_p l on {num} fresh samples; cells: estimate (signed relative error).")
-    return markdown_table(headers, rows) + "\n\n" + setup
+    return (f"{main}\n\nn = {num} samples per side, batch {batch_size}, {epochs} epochs of Adam (lr {lr:g}, "
+            f"cosine decay) for every method; estimate = E_p l on {num} fresh samples; cells: estimate "
+            f"(signed relative error).\n\nSelf-normalisation log E_q e^l on {num} fresh noise samples "
+            f"(0 for a proper log-ratio):\n\n{norm}\n\nLearning-rate sensitivity at d={dim} "
+            f"(KL {dim / 4:g}), same {epochs} epochs:\n\n{sens}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..objectives import n2ce_loss
-from .report import markdown_table, new_figure, save_figure
+from .report import markdown_table, new_figure, save_figure, single_thread
 
 __all__ = ["DATA_MEAN", "MS", "gauss_hermite_2d", "expected_gradient", "mle_gradient", "trajectory", "run"]
 
@@ -88,6 +88,7 @@ def _rel_err(g: Tensor, ref: Tensor) -> float:
     return float((g - ref).norm() / ref.norm())
 
 
+@single_thread()
 def run(quick: bool, out: Path) -> str:
     num_nodes, steps, lr = (40, 15, 0.2) if quick else (120, 60, 0.1)
     quad = gauss_hermite_2d(num_nodes)
@@ -107,7 +108,7 @@ def run(quick: bool, out: Path) -> str:
     rows.append(["MLE", f"({g_mle[0]:.3f}, {g_mle[1]:.3f})", 0.0, 0.0, "1", "1", 0.0,
                  f"({mle_path[-1, 0]:.3f}, {mle_path[-1, 1]:.3f})"])
     headers = ["M", "g_N2CE at mu=(1,0)", "rel. err at (1,0)", "rel. err at (0,0)",
-               "SCE |g|/|g_MLE|", "exact M/(M+1)", f"max traj. dev. ({steps} steps)", "final mu"]
+               "SCE ‖g‖/‖g_MLE‖", "exact M/(M+1)", f"max traj. dev. ({steps} steps)", "final mu"]
 
     fig, (ax_err, ax_path) = new_figure(2)
     ms = np.array(MS)

@@ -23,7 +23,7 @@ import torch
 
 from ..critics import ConvCritic
 from ..objectives import N2CE, NCE
-from .report import markdown_table, new_figure, save_figure
+from .report import markdown_table, new_figure, save_figure, single_thread
 
 __all__ = ["time_steps", "run"]
 
@@ -64,6 +64,7 @@ def time_steps(critic_kwargs: dict, image_shape: tuple[int, int, int], batch_siz
     return times
 
 
+@single_thread()
 def run(quick: bool, out: Path) -> str:
     if quick:
         critic_kwargs = dict(in_channels=1, channels=(8, 16), num_res_blocks=2)

@@ -7,12 +7,30 @@ global plotting state or need a display backend.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import torch
 from matplotlib.figure import Figure
 
-__all__ = ["markdown_table", "fmt", "new_figure", "save_figure"]
+__all__ = ["markdown_table", "fmt", "new_figure", "save_figure", "single_thread"]
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch ops on one intra-op thread, restoring the previous setting afterwards.
+
+    The benchmarks' tensors are small (at most ~1e6 elements, 320x320 matmuls), so extra threads buy
+    little, and on a shared machine their synchronisation makes steps 10-30x slower (measured: a d=40
+    chasm step took 27 ms on two busy cores and 0.9 ms on one). One thread also makes timings stable.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def fmt(value, digits: int = 3) -> str:

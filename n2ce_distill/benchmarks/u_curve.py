@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..objectives import n2ce_loss
-from .report import fmt, markdown_table, new_figure, save_figure
+from .report import fmt, markdown_table, new_figure, save_figure, single_thread
 
 __all__ = ["DIM", "DATA_SHIFT", "EVAL_FRACTION", "NS", "m_grid", "gradient_mse", "best_M", "run"]
 
@@ -86,6 +86,7 @@ def best_M(Ms: Tensor, mse: Tensor) -> tuple[float, float, float]:
     return m_star, float(near.min()), float(near.max())
 
 
+@single_thread()
 def run(quick: bool, out: Path) -> str:
     reps = 100 if quick else 4000
     Ms = m_grid(per_decade=2 if quick else 4)
