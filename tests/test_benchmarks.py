@@ -129,3 +129,16 @@ def test_u_curve_best_M_parabola():
     mse = (Ms.log() - math.log(100.0)).square() + 1.0  # exact minimum at M = 100
     m_star, lo, hi = u_curve.best_M(Ms, mse)
     assert m_star == pytest.approx(100.0, rel=1e-6) and lo <= 100.0 <= hi
+
+
+def test_u_curve_batch_gradient_matches_closed_form():
+    gen = torch.Generator().manual_seed(1)
+    x_data = 1.0 + torch.randn(3, 50, u_curve.DIM, generator=gen, dtype=torch.float64)
+    x_noise = torch.randn(3, 50, u_curve.DIM, generator=gen, dtype=torch.float64)
+    mu = torch.full((u_curve.DIM,), 0.75, dtype=torch.float64)
+    M = 30.0
+    got = u_curve._batch_gradients(x_data, x_noise, mu, M)
+    r_d, r_n = (x_data @ mu - mu @ mu / 2).exp(), (x_noise @ mu - mu @ mu / 2).exp()
+    want = (((M / (M + r_d))[..., None] * (x_data - mu)).mean(1)
+            - ((M * r_n / (M + r_n))[..., None] * (x_noise - mu)).mean(1))
+    assert torch.allclose(got, want, rtol=1e-10)

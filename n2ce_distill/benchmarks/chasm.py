@@ -19,6 +19,11 @@ Methods: NCE, N²CE with M in {10, 100, 1000}, NWJ (the M -> inf limit), TRE wit
 adjacent waymarks ``x_k = sqrt(1-a_k^2) x_data + a_k x_noise``, linear ``a_k``, one quadratic head per
 stage, ``log r = sum_k l_k``) and N²CE(M=100) with K=4 stages. Single-ratio methods are the K=1 case of
 the same code path (:func:`~n2ce_distill.multistage.multistage_loss`).
+
+Report: the KL estimates, the self-normalisation ``log E_q e^l`` of each fitted model (0 for a proper
+log-ratio: it separates "right estimate, right ratio" from "right number by accident"), and the
+estimates of four methods at d = 160 over three learning rates, since under a fixed step budget the
+ranking of the methods depends on how far each gets (see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from ..multistage import MultiStageCritic, multistage_loss, waymark_coefficients
 from ..objectives import build_objective
 from .report import markdown_table, new_figure, save_figure, single_thread
 
-__all__ = ["QuadraticCritic", "Method", "METHODS", "Problem", "block_correlation", "sample_p", "fit", "evaluate", "run"]
+__all__ = ["QuadraticCritic", "Method", "METHODS", "Problem", "block_correlation", "sample_p", "fit", "evaluate",
+           "run"]
 
 Tensor = torch.Tensor
 
@@ -151,7 +157,7 @@ def _cell(est: float, kl: float) -> str:
 @single_thread()
 def run(quick: bool, out: Path) -> str:
     if quick:
-        dims, num, epochs = (40,), 20_000, 10
+        dims, num, epochs = (40,), 10_000, 8
     else:
         dims, num, epochs = (40, 80, 160, 320), 100_000, 20
     batch_size, lr = 512, LR

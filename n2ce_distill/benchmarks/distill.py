@@ -135,7 +135,7 @@ def run_dxmi_toy(quick: bool, out: Path) -> str:
     setting = Setting(
         recipe="toy2d_dxmi_n2ce.yaml", teacher="8gaussians-teacher",
         variants={"DxMI cd": ["critic.objective=cd"], "DxMI nce": ["critic.objective=nce"], "DxMI n2ce (M=100)": []},
-        metric_name="sw2", steps=20 if quick else 1500, eval_every=10 if quick else 250,
+        metric_name="sw2", steps=20 if quick else 750, eval_every=10 if quick else 250,
         seeds=(0,) if quick else (0, 1, 2),
         baselines={"teacher 1000 steps": (1000, "ancestral"), "DDIM 4 steps": (4, "euler")} if not quick else {"DDIM 4 steps": (4, "euler")},
     )
@@ -146,7 +146,7 @@ def run_dxmi_digits(quick: bool, out: Path) -> str:
     setting = Setting(
         recipe="digits_dxmi_n2ce.yaml", teacher="digits-teacher",
         variants={"DxMI cd": ["critic.objective=cd"], "DxMI nce": ["critic.objective=nce"], "DxMI n2ce (M=100)": []},
-        metric_name="fid", steps=4 if quick else 600, eval_every=2 if quick else 150,
+        metric_name="fid", steps=4 if quick else 200, eval_every=2 if quick else 100,
         seeds=(0,) if quick else (0, 1, 2),
         baselines={"teacher 1000 steps": (1000, "ancestral"), "DDIM 4 steps": (4, "euler")} if not quick else {"DDIM 4 steps": (4, "euler")},
     )

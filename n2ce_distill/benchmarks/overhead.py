@@ -79,7 +79,8 @@ def run(quick: bool, out: Path) -> str:
     for (label, _, copies), samples in zip(_variants(naive_M), times.values()):
         med = float(np.median(samples))
         q1, q3 = np.percentile(samples, [25, 75])
-        rows.append([label, batch_size * copies, med * 1e3, f"{q1 * 1e3:.1f} .. {q3 * 1e3:.1f}", f"{med / base:.3f}"])
+        rows.append([label, batch_size * copies, med * 1e3, f"{q1 * 1e3:.1f} .. {q3 * 1e3:.1f}",
+                     f"{med / base:.3f}"])
     headers = ["variant", "noise samples / step", "median step (ms)", "IQR (ms)", "ratio to NCE"]
 
     fig, (ax,) = new_figure(1, width=6.0, height=4.0)
