@@ -116,3 +116,16 @@ def test_corrupted_checkpoint_is_named_on_resume(dxmi_recipe, tmp_path, victim):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(CheckpointError, match=victim.replace(".", r"\.")):
         Trainer(load_recipe(dxmi_recipe, ["train.max_steps=2", *TINY]), tmp_path, resume="latest")
+
+
+def test_fid_hook_logs_and_keeps_best_export(dxmi_recipe, tmp_path):
+    import json
+
+    recipe = load_recipe(dxmi_recipe, ["train.max_steps=2", "train.checkpoint_every=2", "eval.fid_every=1",
+                                       "eval.fid_samples=64", "eval.batch_size=32", *TINY])
+    trainer = Trainer(recipe, tmp_path)
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "fid.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and all(line["fid"] > 0 for line in lines)
+    assert trainer.best_fid == min(line["fid"] for line in lines)
+    assert (tmp_path / "best" / "model_index.json").is_file()
