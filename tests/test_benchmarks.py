@@ -14,7 +14,12 @@ from n2ce_distill.benchmarks.report import fmt, markdown_table
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
     """Header and body cells of the first markdown table in ``text``."""
-    lines = [ln for ln in text.splitlines() if ln.startswith("|")]
+    lines = []
+    for ln in text.splitlines():
+        if ln.startswith("|"):
+            lines.append(ln)
+        elif lines:  # the first table ended
+            break
     split = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
     assert set(lines[1].replace("|", "").split()) == {"---"}
     return split[0], split[2:]
