@@ -148,6 +148,7 @@ class DxMIConfig(_Strict):
     tau2: float = Field(0.01, ge=0)  # velocity regularisation weight
     velocity_momentum: float = Field(0.99, ge=0, lt=1)  # v_k <- m v_k + (1-m) mean ||dx||^2
     last_scale: float | None = Field(1e-3, gt=0)  # fixes s_{T-1}; None learns it too
+    eta: float = Field(1.0, ge=0, le=1)  # initial noise split: 1 = DDPM posterior std (DxMI), 0 = DDIM
     log_scale_lr: PositiveFloat = 1e-5
     value_lr: PositiveFloat = 1e-5
     share_value: bool = False  # DxMI original: one time-independent net for energy and value

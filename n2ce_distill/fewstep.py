@@ -23,15 +23,18 @@ ValueFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class FewStepSampler(nn.Module):
-    """``sigmas``: T+1 decreasing noise levels ending at 0. ``last_scale`` fixes ``s_{T-1}`` (None: learnt)."""
+    """``sigmas``: T+1 decreasing noise levels ending at 0. ``last_scale`` fixes ``s_{T-1}`` (None: learnt);
+    ``eta`` splits each step's noise between the mean and ``s_k`` as in DDIM (1: ancestral, 0: deterministic)."""
 
-    def __init__(self, denoiser: Denoiser, sigmas: torch.Tensor, last_scale: float | None = 1e-3, min_scale: float = 1e-3):
+    def __init__(
+        self, denoiser: Denoiser, sigmas: torch.Tensor, last_scale: float | None = 1e-3, min_scale: float = 1e-3, eta: float = 1.0
+    ):
         super().__init__()
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if sigmas.dim() != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
             raise ValueError(f"sigmas: expected T+1 strictly decreasing values ending at 0, got {sigmas.tolist()}")
         self.denoiser = denoiser
-        sigma_down, sigma_up = ancestral_step_scales(sigmas)
+        sigma_down, sigma_up = ancestral_step_scales(sigmas, eta)  # eta = 1: DDPM posterior, 0: DDIM mean
         self.register_buffer("sigmas", sigmas)
         self.register_buffer("sigma_down", sigma_down.float())
         # log 0 is -inf: a step whose ancestral noise is 0 starts from a tiny positive scale instead

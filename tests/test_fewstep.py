@@ -72,3 +72,10 @@ def test_value_guidance_descends_the_cost():
     plain = sampler.sample(256, generator=torch.Generator().manual_seed(0))
     guided = sampler.sample(256, generator=torch.Generator().manual_seed(0), value_fn=cost, guidance=0.5)
     assert cost(guided, 1).mean() < cost(plain, 1).mean()
+
+
+def test_eta_zero_starts_from_the_ddim_mean():
+    sigmas = karras_sigmas(4, 0.002, 80.0)
+    sampler = FewStepSampler(exact_gaussian_denoiser(), sigmas, last_scale=None, eta=0.0)
+    torch.testing.assert_close(sampler.sigma_down, sigmas[1:])  # the whole next noise level goes to the mean
+    torch.testing.assert_close(sampler.scales(), torch.full((4,), 1e-3))  # only the floor of the learned scale

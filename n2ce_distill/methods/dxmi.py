@@ -52,7 +52,7 @@ class DxMI(Method):
         opts = recipe.method
         teacher = load_teacher(recipe, sample_shape)
         sigmas = few_step_sigmas(teacher, opts.num_steps, spacing=opts.spacing)
-        self.nets["sampler"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, opts.last_scale)
+        self.nets["sampler"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, opts.last_scale, eta=opts.eta)
         self.nets["critic"] = build_critic(recipe.critic, sample_shape)
         if not opts.share_value:
             self.nets["value"] = build_critic(recipe.critic, sample_shape, conditioned=True)
