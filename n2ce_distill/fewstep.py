@@ -33,7 +33,7 @@ class FewStepSampler(nn.Module):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if sigmas.dim() != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
             raise ValueError(f"sigmas: expected T+1 strictly decreasing values ending at 0, got {sigmas.tolist()}")
-        self.denoiser = denoiser
+        self.denoiser, self.eta = denoiser, float(eta)
         sigma_down, sigma_up = ancestral_step_scales(sigmas, eta)  # eta = 1: DDPM posterior, 0: DDIM mean
         self.register_buffer("sigmas", sigmas)
         self.register_buffer("sigma_down", sigma_down.float())

@@ -26,12 +26,15 @@ SampleSource = Callable[[int, torch.Generator], torch.Tensor]
 
 
 class FewStepScheduler(SchedulerMixin, ConfigMixin):
-    """The few-step schedule: ``sigmas`` (T+1, ending at 0) and per-step noise ``noise_scales`` (T)."""
+    """The few-step schedule: ``sigmas`` (T+1, ending at 0), per-step noise ``noise_scales`` (T) and the
+    ``eta`` that fixed the step means (see :class:`~n2ce_distill.fewstep.FewStepSampler`)."""
 
     config_name = "scheduler_config.json"
 
     @register_to_config
-    def __init__(self, sigmas: list[float] = (2.5, 0.0), noise_scales: list[float] = (0.0,), c_noise: str = "edm"):
+    def __init__(
+        self, sigmas: list[float] = (2.5, 0.0), noise_scales: list[float] = (0.0,), c_noise: str = "edm", eta: float = 1.0
+    ):
         if len(noise_scales) != len(sigmas) - 1:
             raise ValueError(f"noise_scales: expected {len(sigmas) - 1} values for {len(sigmas)} sigmas")
 
@@ -47,14 +50,16 @@ class FewStepPipeline(DiffusionPipeline):
     def from_sampler(cls, sampler: FewStepSampler) -> "FewStepPipeline":
         denoiser = sampler.denoiser
         few_step = FewStepScheduler(
-            sigmas=sampler.sigmas.tolist(), noise_scales=sampler.scales().tolist(), c_noise=getattr(denoiser, "c_noise", "edm")
+            sigmas=sampler.sigmas.tolist(), noise_scales=sampler.scales().tolist(),
+            c_noise=getattr(denoiser, "c_noise", "edm"), eta=sampler.eta,
         )
         return cls(unet=denoiser.net, scheduler=denoiser.to_scheduler(), few_step=few_step)
 
     def sampler(self) -> FewStepSampler:
         denoiser = denoiser_from_components(self.unet, self.scheduler, c_noise=self.few_step.config.c_noise)
         *learned, last = self.few_step.config.noise_scales
-        sampler = FewStepSampler(denoiser, torch.tensor(self.few_step.config.sigmas), last_scale=last)
+        config = self.few_step.config
+        sampler = FewStepSampler(denoiser, torch.tensor(config.sigmas), last_scale=last, eta=config.eta)
         with torch.no_grad():
             sampler.log_scales[:-1].copy_(torch.tensor(learned).log())
         return sampler.to(self.device)

@@ -8,10 +8,11 @@ from n2ce_distill.pipelines import FewStepPipeline, load_sample_source
 from n2ce_distill.samplers import few_step_sigmas
 
 
-@pytest.fixture(params=["vp_teacher", "edm_unet_teacher", "toy_teacher"])
+@pytest.fixture(params=[("vp_teacher", 1.0), ("edm_unet_teacher", 1.0), ("toy_teacher", 1.0), ("vp_teacher", 0.0)])
 def sampler(request):
-    denoiser = load_denoiser(request.getfixturevalue(request.param))
-    sampler = FewStepSampler(denoiser, few_step_sigmas(denoiser, 3), last_scale=1e-3)
+    teacher, eta = request.param
+    denoiser = load_denoiser(request.getfixturevalue(teacher))
+    sampler = FewStepSampler(denoiser, few_step_sigmas(denoiser, 3), last_scale=1e-3, eta=eta)
     with torch.no_grad():
         sampler.log_scales[:-1] += 0.3  # learned scales must survive the export
     return sampler
