@@ -48,9 +48,10 @@ def resolve_inputs(specs: list[str], device: str = "cpu") -> list[EvalInput]:
         elif (path / "model_index.json").is_file():
             resolved.append(EvalInput(path.name, None, load_sample_source(path, device=device)))
         elif (path / "pipeline").is_dir() or list_checkpoints(path):
-            for step, checkpoint in list_checkpoints(path):
+            checkpoints = list_checkpoints(path)
+            for step, checkpoint in checkpoints:
                 resolved.append(EvalInput(f"{path.name} {checkpoint.name}", step, load_sample_source(checkpoint / "pipeline", device=device)))
-            if (path / "pipeline").is_dir() and not list_checkpoints(path):
+            if not checkpoints:  # a run exported without checkpoints: its final pipeline
                 resolved.append(EvalInput(f"{path.name} final", None, load_sample_source(path / "pipeline", device=device)))
         else:
             resolved.append(EvalInput(path.name, None, path))  # a folder of images

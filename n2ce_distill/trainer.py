@@ -54,7 +54,6 @@ class Trainer:
         self.dataset = dataset_from_config(recipe.data, recipe.seed)
         self.method = build_method(recipe, self.dataset)
         self.method.shard = (self.accelerator.process_index, self.accelerator.num_processes)
-        self.method_optimizers = self.method.optimizers()
         self.ema = EMA(
             self.method.nets[self.method.ema_name],
             beta=train.ema.beta,
@@ -63,23 +62,22 @@ class Trainer:
             power=train.ema.power,
             include_online_model=False,
         )
-        self._prepare()
+        self._prepare(self.method.optimizers())
         world = self.accelerator.num_processes
         if train.batch_size % world:
             raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by {world} processes")
-        loader_generator = torch.Generator().manual_seed(recipe.seed)
-        self.loader = infinite_loader(self.dataset, train.batch_size, loader_generator)
+        self.loader = infinite_loader(self.dataset, train.batch_size, recipe.seed)
         self.step, self.skipped_steps, self.best_fid = 0, 0, math.inf
         if resume:
             self._resume(resume)
 
-    def _prepare(self) -> None:
+    def _prepare(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
         acc = self.accelerator
         names = list(self.method.nets)
-        prepared = acc.prepare(*self.method.nets.values(), *self.method_optimizers.values())
+        prepared = acc.prepare(*self.method.nets.values(), *optimizers.values())
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         self.method.nets = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(self.method_optimizers, prepared[len(names):]))
+        self.optimizers = dict(zip(optimizers, prepared[len(names):]))
         for module in self.method.frozen.values():
             module.to(acc.device).requires_grad_(False).eval()
         self.ema.to(acc.device)
