@@ -97,15 +97,16 @@ class Denoiser(nn.Module, abc.ABC):
     def _rng_device(self, generator: torch.Generator | None) -> torch.device:  # same draws on any accelerator
         return generator.device if generator is not None else self.device
 
-    def denoising_loss(self, x0, class_labels=None, sigma=None, noise=None, generator=None) -> torch.Tensor:
+    def denoising_loss(self, x0, class_labels=None, sigma=None, noise=None, generator=None, model=None) -> torch.Tensor:
         """Per-sample teacher loss ``lambda(s) * mean_dims (D(x0 + s n; s) - x0)^2``, shape (B,); ``sigma`` and
-        ``noise`` default to fresh draws (from ``generator``) of the training distribution."""
+        ``noise`` default to fresh draws (from ``generator``) of the training distribution. ``model`` is the
+        module to call for D (this one by default; a distributed wrapper of it when training)."""
         if sigma is None:
             sigma = self.sample_training_sigmas(x0.shape[0], generator)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=self._rng_device(generator)).to(x0)
         sigma = _sigma_vector(sigma, x0)
-        err = (self(x0 + _per_sample(sigma, x0) * noise, sigma, class_labels) - x0).float().square()
+        err = ((model or self)(x0 + _per_sample(sigma, x0) * noise, sigma, class_labels) - x0).float().square()
         return self.loss_weight(sigma) * err.flatten(1).mean(1)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

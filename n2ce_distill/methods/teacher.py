@@ -51,9 +51,7 @@ class TeacherTraining(Method):
         denoiser = unwrap(self.nets["denoiser"])
         sigma = self.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
         noise = self.randn(len(batch), *batch.shape[1:], device=batch.device)
-        noisy = batch + sigma.view(-1, *([1] * (batch.dim() - 1))) * noise
-        error = (self.nets["denoiser"](noisy, sigma) - batch).pow(2).flatten(1).mean(1)
-        loss = (denoiser.loss_weight(sigma) * error).mean()
+        loss = denoiser.denoising_loss(batch, sigma=sigma, noise=noise, model=self.nets["denoiser"]).mean()
         update("denoiser", loss, "denoiser")
         return {"loss_denoise": loss.detach()}
 
