@@ -18,7 +18,7 @@ from .pipelines import load_sample_source
 from .trainer import Trainer
 from .visualize import save_samples
 
-__all__ = ["run_demo", "REPO_ROOT"]
+__all__ = ["run_demo", "cached_baseline", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO_ROOT / "recipes" / "digits_dxmi_n2ce.yaml"
@@ -38,10 +38,12 @@ def run_demo(out: Path, quick: bool = False) -> str:
     num_samples = 200 if quick else DEMO_FID_SAMPLES
     candidates = [
         (f"teacher DDIM {T} steps", load_sample_source(teacher, steps=T, method="euler")),
+        # what training starts from: the teacher's ancestral steps on the student's own schedule
+        (f"untrained student {T} steps", load_sample_source(teacher, steps=T, spacing=recipe.method.spacing)),
         (f"student DxMI+N²CE {T} steps", load_sample_source(student)),
     ]
     rows = []
-    cached = _cached_baseline(Path(teacher), f"1000:ancestral:{num_samples}:{recipe.seed}")
+    cached = cached_baseline(Path(teacher), f"1000:ancestral:{num_samples}:{recipe.seed}")
     if cached is not None:
         rows.append({"label": "teacher DDPM 1000 steps (cached)", "step": None, "fid": cached["fid"]})
     elif not quick:  # a smoke run skips the slow 1000-step row
@@ -55,6 +57,7 @@ def run_demo(out: Path, quick: bool = False) -> str:
     return f"{table}\n\nsample grid: {grid}\nrun folder: {run_dir}"
 
 
-def _cached_baseline(teacher: Path, key: str) -> dict | None:
+def cached_baseline(teacher: Path, key: str) -> dict | None:
+    """A teacher's stored baseline (``"STEPS:METHOD:SAMPLES:SEED"`` in its ``baselines.json``), or None."""
     path = teacher / "baselines.json"
     return json.loads(path.read_text()).get(key) if path.is_file() else None

@@ -88,8 +88,11 @@ class FewStepPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
-def load_sample_source(path: str | Path, steps: int | None = None, method: str = "ancestral", device: str = "cpu") -> SampleSource:
-    """A ``generate(batch_size, generator)`` callable for an exported pipeline or, with ``steps``, a teacher."""
+def load_sample_source(
+    path: str | Path, steps: int | None = None, method: str = "ancestral", spacing: str | None = None, device: str = "cpu"
+) -> SampleSource:
+    """A ``generate(batch_size, generator)`` callable for an exported pipeline or, with ``steps``, a teacher
+    (``method`` and ``spacing`` as in :func:`~n2ce_distill.samplers.teacher_sample`)."""
     path = Path(path)
     index = path / "model_index.json"
     if not index.is_file():
@@ -101,7 +104,9 @@ def load_sample_source(path: str | Path, steps: int | None = None, method: str =
     if steps is None:
         raise ValueError(f"{path}: a teacher needs a number of sampling steps (PATH@STEPS)")
     denoiser = load_denoiser(str(path)).to(device).eval()
-    return torch.no_grad()(lambda n, g: clamp_images(teacher_sample(denoiser, n, steps=steps, method=method, generator=g)))
+    return torch.no_grad()(
+        lambda n, g: clamp_images(teacher_sample(denoiser, n, steps=steps, method=method, spacing=spacing, generator=g))
+    )
 
 
 def clamp_images(samples: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ import torch
 from ..checkpoints import list_checkpoints
 from ..config import load_recipe
 from ..data import EightGaussians
-from ..demo import REPO_ROOT
+from ..demo import REPO_ROOT, cached_baseline
 from ..pipelines import load_sample_source
 from ..toy_metrics import eight_gaussians_report
 from ..trainer import Trainer
@@ -32,6 +32,11 @@ from ..trainer import Trainer
 __all__ = ["run_dxmi_toy", "run_dxmi_digits", "run_sid_digits"]
 
 Metric = Callable[[Callable], dict[str, float]]
+
+TOY_STEPS = 3000  # iterations per run (full mode); curves are scored at every quarter
+DIGITS_STEPS = 200
+SID_STEPS = 300
+SID_REACH = 10.0  # FID that "iterations to reach" counts for the one-step students
 
 
 @dataclass
@@ -43,14 +48,22 @@ class Setting:
     steps: int
     eval_every: int
     seeds: tuple[int, ...]
-    baselines: dict[str, tuple[int, str]]  # label -> (teacher steps, sampler)
+    baselines: dict[str, dict]  # label -> load_sample_source options for the teacher (steps, method, spacing)
+    cached: dict[str, float] = field(default_factory=dict)  # reference values too slow to measure here
+    overrides: tuple[str, ...] = ()  # applied to every variant
+    reach: float | None = None  # report iterations to reach this value (default: 1.5x the best reference)
+    timing_samples: int = 0  # > 0: time the student's T steps against the teacher's 1000 on this many samples
 
 
 def _toy_metric(num_samples: int) -> Metric:
-    reference = EightGaussians().sample(num_samples, torch.Generator().manual_seed(12345))
+    # SW2 on 5000 points has a noise floor (~0.07 between two data sets) above the teacher's own error;
+    # more points and two reference sets bring it down to ~0.02 so the teacher/student ratio means something
+    references = [EightGaussians().sample(num_samples, torch.Generator().manual_seed(12345 + i)) for i in range(2)]
 
     def metric(source) -> dict[str, float]:
-        return eight_gaussians_report(source(num_samples, torch.Generator().manual_seed(0)), reference)
+        samples = source(num_samples, torch.Generator().manual_seed(0))
+        reports = [eight_gaussians_report(samples, reference) for reference in references]
+        return reports[0] | {"sw2": statistics.mean(r["sw2"] for r in reports)}
 
     return metric
 
@@ -64,15 +77,29 @@ def _fid_metric(num_samples: int) -> Metric:
     return metric
 
 
+def _sampling_cost(student: Path, teacher: str, num_samples: int) -> str:
+    """Wall time of the student's T steps against the teacher's 1000 steps, measured back to back."""
+    seconds = {}
+    for label, source in (("student", load_sample_source(student)), ("teacher 1000 steps", load_sample_source(teacher, steps=1000))):
+        start = time.perf_counter()
+        source(num_samples, torch.Generator().manual_seed(0))
+        seconds[label] = time.perf_counter() - start
+    ratio = seconds["teacher 1000 steps"] / seconds["student"]
+    return (f"sampling {num_samples} samples: student {seconds['student']:.3f} s, teacher 1000 steps "
+            f"{seconds['teacher 1000 steps']:.1f} s, ratio {ratio:.0f}x")
+
+
 def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
     from .report import markdown_table, new_figure, save_figure
 
     teacher = str(REPO_ROOT / "assets" / setting.teacher)
     key = setting.metric_name
-    baselines = {label: metric(load_sample_source(teacher, steps=s, method=m))[key] for label, (s, m) in setting.baselines.items()}
+    baselines = {label: metric(load_sample_source(teacher, **options))[key] for label, options in setting.baselines.items()}
+    baselines |= setting.cached
     curves: dict[str, dict[int, list[float]]] = {}
     finals: dict[str, list[dict[str, float]]] = {}
     seconds: dict[str, float] = {}
+    notes = []
     with tempfile.TemporaryDirectory() as scratch:
         for label, overrides in setting.variants.items():
             for seed in setting.seeds:
@@ -80,7 +107,7 @@ def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
                 recipe = load_recipe(REPO_ROOT / "recipes" / setting.recipe, [
                     f"teacher.path={teacher}", f"seed={seed}", f"train.max_steps={setting.steps}",
                     f"train.checkpoint_every={setting.eval_every}", "train.checkpoint_total_limit=null",
-                    f"train.sample_every={setting.steps}", *overrides,
+                    f"train.sample_every={setting.steps}", *setting.overrides, *overrides,
                 ])
                 start = time.perf_counter()
                 Trainer(recipe, run_dir).train()
@@ -90,8 +117,10 @@ def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
                     curves.setdefault(label, {}).setdefault(step, []).append(result[key])
                     if step == setting.steps:
                         finals.setdefault(label, []).append(result)
+        if setting.timing_samples:
+            notes.append(_sampling_cost(run_dir / "pipeline", teacher, setting.timing_samples))
 
-    extras = [e for e in ("nll", "modes_covered", "mode_balance") if finals and e in next(iter(finals.values()))[0]]
+    extras = [e for e in ("nll", "modes_covered", "mode_balance", "off_mode_fraction") if finals and e in next(iter(finals.values()))[0]]
     headers = ["variant", f"final {key} (mean)", "std", "per seed", *extras, "train s/run"]
     rows = []
     for label, results in finals.items():
@@ -101,6 +130,9 @@ def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
                      *[statistics.mean(r[e] for r in results) for e in extras], seconds[label]])
     rows += [[label, value, "", "", *[""] * len(extras), ""] for label, value in baselines.items()]
     table = markdown_table(headers, rows)
+    curve_rows = [[label, *(statistics.mean(by_step[s]) for s in sorted(by_step))] for label, by_step in curves.items()]
+    steps = sorted(next(iter(curves.values()))) if curves else []
+    curve_table = markdown_table(["variant", *(f"{key} @ {s}" for s in steps)], curve_rows) if steps else ""
 
     fig, (ax,) = new_figure()
     for label, by_step in curves.items():
@@ -115,50 +147,58 @@ def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
     ax.set_title(title)
     ax.legend(fontsize=7)
     save_figure(fig, out, f"{title.replace(' ', '_')}.png")
-    reach = _iterations_to_reach(curves, min(baselines.values()) if baselines else None)
-    return table + ("\n\n" + reach if reach else "")
+    target = setting.reach or (1.5 * min(baselines.values()) if baselines else None)
+    notes.insert(0, _iterations_to_reach(curves, target))
+    return "\n\n".join([table, curve_table, *[n for n in notes if n]])
 
 
-def _iterations_to_reach(curves: dict[str, dict[int, list[float]]], target: float | None) -> str:
-    """First checkpoint whose seed-mean metric is within 1.5x of the best baseline, per variant."""
-    if target is None:
+def _iterations_to_reach(curves: dict[str, dict[int, list[float]]], threshold: float | None) -> str:
+    """First checkpoint whose seed-mean metric is at most ``threshold``, per variant."""
+    if threshold is None:
         return ""
-    threshold = 1.5 * target
     parts = []
     for label, by_step in curves.items():
         hit = next((s for s in sorted(by_step) if statistics.mean(by_step[s]) <= threshold), None)
         parts.append(f"{label}: {hit if hit is not None else 'not reached'}")
-    return f"iterations to reach 1.5x the best baseline ({threshold:.3f}): " + "; ".join(parts)
+    return f"iterations to reach {threshold:.3f}: " + "; ".join(parts)
+
+
+OBJECTIVES = {"DxMI cd": ["critic.objective=cd"], "DxMI nce": ["critic.objective=nce"], "DxMI n2ce (M=100)": []}
+QUICK = ("train.batch_size=16",)
 
 
 def run_dxmi_toy(quick: bool, out: Path) -> str:
     setting = Setting(
-        recipe="toy2d_dxmi_n2ce.yaml", teacher="8gaussians-teacher",
-        variants={"DxMI cd": ["critic.objective=cd"], "DxMI nce": ["critic.objective=nce"], "DxMI n2ce (M=100)": []},
-        metric_name="sw2", steps=20 if quick else 750, eval_every=10 if quick else 250,
+        recipe="toy2d_dxmi_n2ce.yaml", teacher="8gaussians-teacher", variants=OBJECTIVES,
+        metric_name="sw2", steps=20 if quick else TOY_STEPS, eval_every=10 if quick else TOY_STEPS // 4,
         seeds=(0,) if quick else (0, 1, 2),
-        baselines={"teacher 1000 steps": (1000, "ancestral"), "DDIM 4 steps": (4, "euler")} if not quick else {"DDIM 4 steps": (4, "euler")},
+        baselines={"DDIM 4 steps": {"steps": 4, "method": "euler"}}
+        | ({} if quick else {"teacher 1000 steps": {"steps": 1000}}),
     )
-    return _run(setting, _toy_metric(500 if quick else 5000), Path(out), "dxmi toy")
+    return _run(setting, _toy_metric(500 if quick else 20000), Path(out), "dxmi toy")
 
 
 def run_dxmi_digits(quick: bool, out: Path) -> str:
-    # the 1000-step teacher costs tens of minutes per thousand samples on a CPU: its FID is measured
-    # once by scripts/teacher_baselines.py (assets/digits-teacher/baselines.json), not here
+    # the 1000-step teacher costs ten minutes per thousand samples on a CPU: its FID is measured once by
+    # scripts/teacher_baselines.py (assets/digits-teacher/baselines.json) with the same samples and seed
+    teacher_1000 = cached_baseline(REPO_ROOT / "assets" / "digits-teacher", "1000:ancestral:1000:0")
     setting = Setting(
-        recipe="digits_dxmi_n2ce.yaml", teacher="digits-teacher",
-        variants={"DxMI cd": ["critic.objective=cd"], "DxMI nce": ["critic.objective=nce"], "DxMI n2ce (M=100)": []},
-        metric_name="fid", steps=4 if quick else 200, eval_every=2 if quick else 100,
-        seeds=(0,),  # one seed: a 200-step run costs minutes on 2 CPU cores
-        baselines={"DDIM 4 steps": (4, "euler"), "ancestral 4 steps (student init)": (4, "ancestral")},
+        recipe="digits_dxmi_n2ce.yaml", teacher="digits-teacher", variants=OBJECTIVES,
+        metric_name="fid", steps=4 if quick else DIGITS_STEPS, eval_every=2 if quick else DIGITS_STEPS // 4,
+        seeds=(0,) if quick else (0, 1, 2),
+        baselines={
+            "DDIM 4 steps": {"steps": 4, "method": "euler"},
+            "untrained student (ancestral 4 steps, its schedule)": {"steps": 4, "spacing": "auto"},
+        },
+        cached={} if quick or teacher_1000 is None else {"teacher 1000 steps (cached)": teacher_1000["fid"]},
+        overrides=QUICK if quick else (),
+        timing_samples=8 if quick else 200,
     )
-    # the recorded table used the uniform (DDIM) schedule, whose untrained student is the "ancestral 4" row
-    overrides = ["method.spacing=uniform", *(["train.batch_size=16"] if quick else [])]
-    setting.variants = {k: v + overrides for k, v in setting.variants.items()}
     return _run(setting, _fid_metric(200 if quick else 1000), Path(out), "dxmi digits")
 
 
 def run_sid_digits(quick: bool, out: Path) -> str:
+    teacher_1000 = cached_baseline(REPO_ROOT / "assets" / "digits-teacher", "1000:ancestral:1000:0")
     setting = Setting(
         recipe="digits_sid_n2ce.yaml", teacher="digits-teacher",
         variants={
@@ -167,10 +207,11 @@ def run_sid_digits(quick: bool, out: Path) -> str:
             "SiD + NCE": ["critic.objective=nce"],
             "SiD + N2CE (M=50)": [],
         },
-        metric_name="fid", steps=4 if quick else 100, eval_every=2 if quick else 50,
-        seeds=(0,),
-        baselines={"DDIM 4 steps": (4, "euler")},
+        metric_name="fid", steps=4 if quick else SID_STEPS, eval_every=2 if quick else SID_STEPS // 6,
+        seeds=(0,) if quick else (0, 1, 2),
+        baselines={"DDIM 4 steps": {"steps": 4, "method": "euler"}},
+        cached={} if quick or teacher_1000 is None else {"teacher 1000 steps (cached)": teacher_1000["fid"]},
+        overrides=QUICK if quick else (),
+        reach=None if quick else SID_REACH,
     )
-    overrides = ["train.batch_size=16"] if quick else []
-    setting.variants = {k: v + overrides for k, v in setting.variants.items()}
     return _run(setting, _fid_metric(200 if quick else 1000), Path(out), "sid digits")

@@ -49,6 +49,15 @@ class Method(ABC):
         rank, world = self.shard
         return sample(batch_size * world)[rank * batch_size:(rank + 1) * batch_size]
 
+    def process_mean(self, stat: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-process statistic over all processes, so running buffers stay identical everywhere."""
+        world = self.shard[1]
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            stat = stat.clone()
+            torch.distributed.all_reduce(stat)
+            stat /= world
+        return stat
+
     def randn(self, batch_size: int, *shape: int, device: torch.device) -> torch.Tensor:
         return self.draw(lambda n: torch.randn(n, *shape, device=device), batch_size)
 

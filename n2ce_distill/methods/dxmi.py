@@ -3,7 +3,8 @@
 Networks: a T-step sampler initialised from the teacher (all weights trainable, plus learned
 per-step noise ``log s_k``), a critic ``l(x)`` (log-ratio / negative energy) trained with a
 swappable objective (``cd`` is DxMI's original, ``nce``, ``n2ce``), and a time-conditioned value
-``V(x, k)`` learnt by TD (or the critic itself, ``method.share_value``). One iteration:
+``V(x, k) = -l(x) + U(x, k)``: the terminal energy plus a correction ``U`` learnt by TD and initialised
+at 0 (``method.share_value`` drops ``U``: DxMI's one time-independent network). One iteration:
 
 1. draw B trajectories without gradients;
 2. ``v_k <- m v_k + (1 - m) mean ||x_{k+1} - x_k||^2`` (adaptive velocity scale);
@@ -55,7 +56,13 @@ class DxMI(Method):
         self.nets["sampler"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, opts.last_scale, eta=opts.eta)
         self.nets["critic"] = build_critic(recipe.critic, sample_shape)
         if not opts.share_value:
-            self.nets["value"] = build_critic(recipe.critic, sample_shape, conditioned=True)
+            # U starts at 0, so V starts as the critic's energy: a freshly initialised value network's
+            # gradients are a smooth random field that the sampler would follow before TD has taught it
+            # anything (measured on digits: FID 11.6 -> 22 in 100 iterations, against 4.7 with U = 0)
+            value = build_critic(recipe.critic, sample_shape, conditioned=True)
+            nn.init.zeros_(value.out.weight)
+            nn.init.zeros_(value.out.bias)
+            self.nets["value"] = value
         self.objective = critic_objective(recipe.critic)
         self.velocity = torch.ones(opts.num_steps)
 
@@ -78,17 +85,21 @@ class DxMI(Method):
             optimizers["value"] = torch.optim.Adam(self.nets["value"].parameters(), lr=opts.value_lr, betas=train.adam_betas)
         return optimizers
 
-    def value(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Cost-to-go ``V(x, k)``; at the final step it is the energy ``-l(x)``.
+    def value(self, x: torch.Tensor, k: torch.Tensor, correction: nn.Module | None = None) -> torch.Tensor:
+        """Cost-to-go ``V(x, k) = -l(x) + U(x, k)``, with ``U = 0`` at the final step (and when shared).
 
-        Uses the bare networks: the value is read, not trained, here (and so never enters a
-        distributed gradient reduction).
+        ``correction`` is the network that computes ``U``: the bare one by default, since the value is
+        read, not trained, there (and so never enters a distributed gradient reduction).
         """
-        terminal = -unwrap(self.nets["critic"])(x)
+        energy = -unwrap(self.nets["critic"])(x)
         if "value" not in self.nets:
-            return terminal
+            return energy
+        correction = correction or unwrap(self.nets["value"])
+        sampler = unwrap(self.nets["sampler"])
         T = self.recipe.method.num_steps
-        return torch.where(k == T, terminal, unwrap(self.nets["value"])(x, k.float()))
+        # U sees unit-scale inputs at every step (EDM's c_in): x_k spans sigma_k, up to 80 or 157
+        c_in = (sampler.sigmas[k].square() + sampler.denoiser.sigma_data**2).rsqrt()
+        return torch.where(k == T, energy, energy + correction(x * c_in.view(-1, *[1] * (x.dim() - 1)), k.float()))
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
         opts = self.recipe.method
@@ -100,7 +111,7 @@ class DxMI(Method):
             traj = unwrap(sampler).sample(B, return_trajectory=True, noise=noise)  # (T+1, B, ...)
         x_now, x_next = traj[:-1], traj[1:]
 
-        sq_step = (x_next - x_now).pow(2).flatten(2).mean(dim=2).mean(dim=1).cpu()
+        sq_step = self.process_mean((x_next - x_now).pow(2).flatten(2).mean(dim=2).mean(dim=1)).cpu()
         self.velocity = opts.velocity_momentum * self.velocity + (1 - opts.velocity_momentum) * sq_step
 
         # one forward over data and samples together: half the launches, one DDP forward per backward
@@ -114,7 +125,7 @@ class DxMI(Method):
             k_all = torch.arange(T, device=device).repeat_interleave(B)
             with torch.no_grad():
                 target = self.value(x_next.reshape(T * B, *shape), k_all + 1)
-            value_loss = (self.nets["value"](x_now.reshape(T * B, *shape), k_all.float()) - target).pow(2).mean()
+            value_loss = (self.value(x_now.reshape(T * B, *shape), k_all, self.nets["value"]) - target).pow(2).mean()
             update("value", value_loss, "value")
             logs["loss_value"] = value_loss.detach()
 

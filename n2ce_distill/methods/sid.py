@@ -10,6 +10,10 @@ Networks: the frozen teacher ``D_phi``; a fake score network ``D_psi`` and a one
 2. generator step: ``t ~ U[0, t_max]``, ``s = (smax^(1/7) + (1 - t)(smin^(1/7) - smax^(1/7)))^7``,
    ``x_t = x_g + s n``, per pixel ``(D_phi - D_psi)((D_phi - x_g) - alpha (D_phi - D_psi)) / w`` with
    ``w = sg(mean |x_g - D_phi|)``; SiDA mixes in the adversarial generator term on the same ``x_t``.
+
+Every loss is a sum over its elements (pixels for the score terms, logit positions for the critic) and
+a mean over the batch, as in SiD's and EDM's training code: the balance between the score terms and
+the critic terms then follows the ratio of pixels to logit positions, as in SiDA, at any resolution.
 """
 
 from __future__ import annotations
@@ -103,11 +107,12 @@ class SiD(Method):
         noise = torch.cat([self.randn(B, *batch.shape[1:], device=device) for _ in range(2)])
         inputs = torch.cat([x_g, batch]) + view(sigma.repeat(2)) * noise
         denoised = self.nets["fake_score"](inputs, sigma.repeat(2))
-        fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).mean(1)).mean()
+        fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).sum(1)).mean()
         logs = {"loss_fake_score": fake_loss.detach()}
         if self.encoder is not None:
             logits_fake, logits_real = self._critic_logits(self.encoder.logits()).split(B)
-            critic_loss = self.objective(logits_real, logits_fake, weight_data=weight, weight_noise=weight)
+            positions = logits_real[0].numel()  # the objectives average over positions: sum them instead
+            critic_loss = positions * self.objective(logits_real, logits_fake, weight_data=weight, weight_noise=weight)
             fake_loss = fake_loss + opts.critic_weight * critic_loss
             logs |= {"loss_critic": critic_loss.detach(), "logit_data": logits_real.detach().mean(),
                      "logit_noise": logits_fake.detach().mean()}
@@ -125,11 +130,12 @@ class SiD(Method):
         real, fake = self.frozen["teacher"](x_t, sigma), unwrap(self.nets["fake_score"])(x_t, sigma)
         w = (x_g - real).abs().flatten(1).mean(1).clamp_min(MIN_NORMALISER).detach()
         per_pixel = (real - fake) * ((real - x_g) - opts.alpha * (real - fake))
-        sid_loss = (per_pixel.flatten(1).mean(1) / w).mean()
+        sid_loss = (per_pixel.flatten(1).sum(1) / w).mean()
         generator_loss = sid_loss
         logs["loss_sid"] = sid_loss.detach()
         if self.encoder is not None and images_seen >= opts.adversarial_warmup_images:
-            adversarial = self.generator_term(self._critic_logits(self.encoder.logits()), weight=1 / w)
+            logits = self._critic_logits(self.encoder.logits())
+            adversarial = logits[0].numel() * self.generator_term(logits, weight=1 / w)
             generator_loss = (1 - opts.adv_weight) * sid_loss + opts.adv_weight * adversarial
             logs["loss_adversarial"] = adversarial.detach()
         update("generator", generator_loss, "generator")

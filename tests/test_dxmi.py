@@ -1,0 +1,210 @@
+"""DxMI method: value decomposition V = -l + U, training step, velocity buffer, critic objective choice."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from n2ce_distill.config import load_recipe
+from n2ce_distill.methods.dxmi import SAMPLER_CLIP, DxMI
+from n2ce_distill.objectives import CD, N2CE, NCE, NWJ
+
+SHAPE = (1, 8, 8)  # digits
+B = 8
+TINY = ["train.batch_size=8", "critic.channels=[8, 16]", "critic.num_res_blocks=2",
+        "critic.hidden_features=16", "critic.num_layers=2"]
+
+
+@pytest.fixture
+def make_dxmi(recipe_file, vp_teacher):
+    """Build a DxMI on the tiny 8x8 VP teacher (T = 2) with extra dotted overrides."""
+
+    def make(*overrides: str) -> DxMI:
+        path = recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"},
+                            "teacher": {"path": str(vp_teacher)}})
+        torch.manual_seed(0)
+        return DxMI(load_recipe(path, [*TINY, *overrides]), SHAPE)
+
+    return make
+
+
+def make_update(method, calls: list):
+    """A minimal ``Trainer._update``: backward into the optimiser's own parameters, clip, step, zero."""
+    opts = method.optimizers()
+
+    def update(term, loss, optimizer, clip=None):
+        assert torch.isfinite(loss).all(), term
+        calls.append((term, optimizer, clip, loss.detach()))
+        opt = opts[optimizer]
+        owned = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        loss.backward(inputs=owned)
+        torch.nn.utils.clip_grad_norm_([p for p in owned if p.grad is not None], clip or 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return update
+
+
+def data_batch(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, *SHAPE, generator=g) * 2 - 1
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters() if not torch.equal(before[name], p.detach())}
+
+
+def all_steps(T: int) -> list[torch.Tensor]:
+    return [torch.full((B,), k, dtype=torch.long) for k in range(T + 1)]
+
+
+# ---------------------------------------------------------------------------------------------- value
+
+def test_fresh_value_is_minus_critic_at_every_step(make_dxmi):
+    """U's read-out starts at zero, so V(x, k) = -l(x) exactly for every k, terminal step included."""
+    method = make_dxmi()
+    assert "value" in method.nets
+    out = method.nets["value"].out
+    assert torch.count_nonzero(out.weight) == 0 and torch.count_nonzero(out.bias) == 0
+    x = data_batch(2)
+    with torch.no_grad():
+        energy = -method.nets["critic"](x)
+        assert energy.abs().max() > 0  # the comparison below is not between two zeros
+        for k in all_steps(2):
+            assert torch.equal(method.value(x, k), energy)
+        mixed = torch.arange(B) % 3  # rows at different steps in one batch
+        assert torch.equal(method.value(x, mixed), energy)
+
+
+def test_value_update_learns_correction_but_terminal_stays_energy(make_dxmi):
+    """After one TD update U != 0 for k < T, V = -l + U(c_in x) there, and V(x, T) is still exactly -l(x)."""
+    method = make_dxmi()
+    torch.manual_seed(3)
+    method.training_step(data_batch(), 0, make_update(method, []))
+    x = data_batch(4)
+    T = method.recipe.method.num_steps
+    sampler = method.nets["sampler"]
+    with torch.no_grad():
+        energy = -method.nets["critic"](x)
+        for k in all_steps(T)[:-1]:
+            c_in = 1 / (sampler.sigmas[k[0]] ** 2 + sampler.denoiser.sigma_data**2).sqrt()  # unit-scale input
+            correction = method.nets["value"](x * c_in, k.float())
+            assert correction.abs().min() > 0, f"U is still zero at k={int(k[0])}"
+            torch.testing.assert_close(method.value(x, k), energy + correction, rtol=0, atol=0)
+        assert torch.equal(method.value(x, torch.full((B,), T)), energy)
+
+
+def test_shared_value_has_no_value_net(make_dxmi):
+    """share_value: no U network, no value optimiser or loss, and V(x, k) = -l(x) for all k."""
+    method = make_dxmi("method.share_value=true")
+    assert "value" not in method.nets and "value" not in method.optimizers()
+    calls = []
+    torch.manual_seed(3)
+    logs = method.training_step(data_batch(), 0, make_update(method, calls))
+    assert "loss_value" not in logs
+    assert sorted(c[1] for c in calls) == ["critic", "sampler"]
+    x = data_batch(4)
+    with torch.no_grad():
+        energy = -method.nets["critic"](x)
+        for k in all_steps(2):
+            assert torch.equal(method.value(x, k), energy)
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+@pytest.mark.parametrize("objective", ["cd", "nce", "n2ce"])
+def test_training_step_updates_every_network(make_dxmi, objective):
+    """One step: finite logs, one update per optimiser, critic/value/sampler (and learnt log-scales) move."""
+    method = make_dxmi(f"critic.objective={objective}")
+    sampler = method.nets["sampler"]
+    before = {name: snapshot(net) for name, net in method.nets.items()}
+    calls = []
+    torch.manual_seed(3)
+    logs = method.training_step(data_batch(), 0, make_update(method, calls))
+
+    assert {"loss_critic", "loss_sampler", "loss_value"} <= set(logs)
+    assert all(torch.isfinite(v).all() for v in logs.values())
+    assert Counter(c[1] for c in calls) == Counter(list(method.optimizers()))  # each optimiser exactly once
+    assert [c[0] for c in calls] == ["critic", "value", "sampler"]
+    assert [c[2] for c in calls] == [None, None, SAMPLER_CLIP]
+
+    assert changed(before["critic"], method.nets["critic"])
+    # the zero read-out gives every inner weight of U a zero gradient on the first step: only it moves
+    assert changed(before["value"], method.nets["value"]) == {"out.weight", "out.bias"}
+    moved = changed(before["sampler"], sampler)
+    assert "log_scales" in moved and any(name.startswith("denoiser.") for name in moved)
+    old, new = before["sampler"]["log_scales"], sampler.log_scales.detach()
+    assert (old[:-1] != new[:-1]).all(), "a learnt per-step scale did not move"
+    assert old[-1] == new[-1], "the fixed last scale must get no gradient"
+    assert torch.equal(sampler.scales()[-1], torch.tensor(method.recipe.method.last_scale))
+
+
+def test_velocity_buffer_and_value_loss_match_the_trajectory(make_dxmi):
+    """v_k <- m * 1 + (1 - m) mean squared step; loss_value = E (l(x_{k+1}) - l(x_k))^2 while U = 0."""
+    method = make_dxmi()
+    m = method.recipe.method.velocity_momentum
+    T = method.recipe.method.num_steps
+    assert torch.equal(method.velocity, torch.ones(T))
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    with torch.no_grad():  # the trajectory the step will draw from the same RNG state
+        traj = method.nets["sampler"].sample(B, return_trajectory=True, noise=lambda s: torch.randn(s))
+    assert traj.shape == (T + 1, B, *SHAPE)
+    torch.set_rng_state(state)
+    logs = method.training_step(data_batch(), 0, make_update(method, []))
+
+    sq_step = (traj[1:] - traj[:-1]).pow(2).flatten(2).mean(2).mean(1)
+    assert method.velocity.shape == (T,) and (method.velocity > 0).all()
+    torch.testing.assert_close(method.velocity, m * torch.ones(T) + (1 - m) * sq_step)
+    assert ((method.velocity - 1).sign() == (sq_step - 1).sign()).all()  # moved toward the measured steps
+
+    # the critic is updated before the value loss is formed, and U is still 0 then
+    with torch.no_grad():
+        l = method.nets["critic"](traj.flatten(0, 1)).view(T + 1, B)
+    torch.testing.assert_close(logs["loss_value"], (l[1:] - l[:-1]).pow(2).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_velocity_with_zero_momentum_is_the_last_squared_step(make_dxmi):
+    """m = 0 edge case: the buffer forgets its initial ones and equals this step's mean squared step."""
+    method = make_dxmi("method.velocity_momentum=0.0")
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        traj = method.nets["sampler"].sample(B, return_trajectory=True, noise=lambda s: torch.randn(s))
+    torch.set_rng_state(state)
+    method.training_step(data_batch(), 0, make_update(method, []))
+    torch.testing.assert_close(method.velocity, (traj[1:] - traj[:-1]).pow(2).flatten(2).mean(2).mean(1))
+
+
+def test_extra_state_round_trip(make_dxmi):
+    """extra_state is JSON-serialisable and load_extra_state restores the velocity buffer bit for bit."""
+    method = make_dxmi()
+    torch.manual_seed(3)
+    method.training_step(data_batch(), 0, make_update(method, []))
+    assert not torch.equal(method.velocity, torch.ones(2))
+    state = json.loads(json.dumps(method.extra_state()))
+    other = make_dxmi()
+    other.load_extra_state(state)
+    assert other.velocity.dtype == method.velocity.dtype
+    assert torch.equal(other.velocity, method.velocity)
+
+
+# ---------------------------------------------------------------------------------------------- critic objective
+
+@pytest.mark.parametrize("name, cls", [("cd", CD), ("nce", NCE), ("n2ce", N2CE), ("nwj", NWJ), ("gan", NCE)])
+def test_critic_objective_follows_recipe(make_dxmi, name, cls):
+    """critic.objective picks the class; ratio_reg always reaches it, M only for N²CE."""
+    method = make_dxmi(f"critic.objective={name}", "critic.M=7.5", "critic.ratio_reg=0.25")
+    assert type(method.objective) is cls
+    assert method.objective.ratio_reg == 0.25
+    if name == "n2ce":
+        assert method.objective.M == 7.5
+    else:
+        assert not hasattr(method.objective, "M")
