@@ -33,10 +33,10 @@ __all__ = ["run_dxmi_toy", "run_dxmi_digits", "run_sid_digits"]
 
 Metric = Callable[[Callable], dict[str, float]]
 
-TOY_STEPS = 3000  # iterations per run (full mode); curves are scored at every quarter
+TOY_STEPS = 2000  # iterations per run (full mode); curves are scored at every quarter
 DIGITS_STEPS = 200
-SID_STEPS = 300
-SID_REACH = 10.0  # FID that "iterations to reach" counts for the one-step students
+SID_STEPS = 200
+SID_REACH = 12.0  # FID that "iterations to reach" counts for the one-step students
 
 
 @dataclass
@@ -207,7 +207,7 @@ def run_sid_digits(quick: bool, out: Path) -> str:
             "SiD + NCE": ["critic.objective=nce"],
             "SiD + N2CE (M=50)": [],
         },
-        metric_name="fid", steps=4 if quick else SID_STEPS, eval_every=2 if quick else SID_STEPS // 6,
+        metric_name="fid", steps=4 if quick else SID_STEPS, eval_every=2 if quick else SID_STEPS // 4,
         seeds=(0,) if quick else (0, 1, 2),
         baselines={"DDIM 4 steps": {"steps": 4, "method": "euler"}},
         cached={} if quick or teacher_1000 is None else {"teacher 1000 steps (cached)": teacher_1000["fid"]},

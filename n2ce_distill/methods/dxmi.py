@@ -7,7 +7,7 @@ swappable objective (``cd`` is DxMI's original, ``nce``, ``n2ce``), and a time-c
 at 0 (``method.share_value`` drops ``U``: DxMI's one time-independent network). One iteration:
 
 1. draw B trajectories without gradients;
-2. ``v_k <- m v_k + (1 - m) mean ||x_{k+1} - x_k||^2`` (adaptive velocity scale);
+2. ``v_k <- m v_k + (1 - m) mean ||x_{k+1} - x_k||^2`` from ``v_k = 1`` (adaptive velocity scale);
 3. critic step: data vs ``x_T``, objective + ``gamma (E l_d^2 + E l_n^2)``;
 4. value step: ``V(x_k, k) -> V(x_{k+1}, k+1)`` detached, with ``V(x_T, T) = -l(x_T)``;
 5. sampler step on all transitions: re-draw ``x_{k+1}`` by reparameterisation and minimise
@@ -64,6 +64,9 @@ class DxMI(Method):
             nn.init.zeros_(value.out.bias)
             self.nets["value"] = value
         self.objective = critic_objective(recipe.critic)
+        # v_k = 1 at the start, not the first measured step: a step that barely moves (sigma 0.002 -> 0)
+        # has v ~ 1e-6, and a penalty normalised by it at once swamps the sampler's gradient (measured:
+        # the 8-Gaussians student diverged within 1500 iterations when v_k started at the measured steps)
         self.velocity = torch.ones(opts.num_steps)
 
     @property
