@@ -54,3 +54,12 @@ def test_teacher_source_needs_steps(vp_teacher, tmp_path):
     assert x.shape == (2, 1, 8, 8)
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
         load_sample_source(tmp_path)
+
+
+def test_teacher_source_follows_the_requested_spacing(vp_teacher):
+    """A VP teacher's default grid is the uniform one; spacing="auto" (DxMI's quadratic) is another schedule."""
+    draw = lambda **kw: load_sample_source(vp_teacher, steps=4, **kw)(3, torch.Generator().manual_seed(1))  # noqa: E731
+    default = draw()
+    torch.testing.assert_close(draw(spacing="uniform"), default, rtol=0, atol=0)
+    assert not torch.allclose(draw(spacing="auto"), default)
+    torch.testing.assert_close(draw(spacing="auto"), draw(spacing="quadratic"), rtol=0, atol=0)
