@@ -33,7 +33,7 @@ __all__ = ["run_dxmi_toy", "run_dxmi_digits", "run_sid_digits"]
 
 Metric = Callable[[Callable], dict[str, float]]
 
-TOY_STEPS = 2000  # iterations per run (full mode); curves are scored at every quarter
+TOY_STEPS = 1000  # iterations per run (full mode); curves are scored at every quarter
 DIGITS_STEPS = 200
 SID_STEPS = 200
 SID_REACH = 12.0  # FID that "iterations to reach" counts for the one-step students

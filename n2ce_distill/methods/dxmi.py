@@ -64,9 +64,8 @@ class DxMI(Method):
             nn.init.zeros_(value.out.bias)
             self.nets["value"] = value
         self.objective = critic_objective(recipe.critic)
-        # v_k = 1 at the start, not the first measured step: a step that barely moves (sigma 0.002 -> 0)
-        # has v ~ 1e-6, and a penalty normalised by it at once swamps the sampler's gradient (measured:
-        # the 8-Gaussians student diverged within 1500 iterations when v_k started at the measured steps)
+        # v_k = 1 at the start, as DxMI: a step that barely moves (sigma 0.002 -> 0) has v ~ 1e-6, and a
+        # penalty normalised by it at once would dominate the sampler's gradient
         self.velocity = torch.ones(opts.num_steps)
 
     @property
@@ -98,11 +97,9 @@ class DxMI(Method):
         if "value" not in self.nets:
             return energy
         correction = correction or unwrap(self.nets["value"])
-        sampler = unwrap(self.nets["sampler"])
-        T = self.recipe.method.num_steps
-        # U sees unit-scale inputs at every step (EDM's c_in): x_k spans sigma_k, up to 80 or 157
-        c_in = (sampler.sigmas[k].square() + sampler.denoiser.sigma_data**2).rsqrt()
-        return torch.where(k == T, energy, energy + correction(x * c_in.view(-1, *[1] * (x.dim() - 1)), k.float()))
+        # U sees x as the critic does (not rescaled by c_in(sigma_k): measured, that made the 8-Gaussians
+        # student diverge, SW2 > 100, where raw inputs reached 0.12)
+        return torch.where(k == self.recipe.method.num_steps, energy, energy + correction(x, k.float()))
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
         opts = self.recipe.method
