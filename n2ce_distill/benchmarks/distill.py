@@ -163,8 +163,15 @@ def _iterations_to_reach(curves: dict[str, dict[int, list[float]]], threshold: f
     return f"iterations to reach {threshold:.3f}: " + "; ".join(parts)
 
 
+def _digits_teacher_1000() -> dict[str, float]:
+    """The digits teacher's 1000-step FID, measured once by scripts/teacher_baselines.py with the same
+    samples and seed (ten minutes per thousand samples on a CPU); empty when it has not been measured."""
+    stored = cached_baseline(REPO_ROOT / "assets" / "digits-teacher", "1000:ancestral:1000:0")
+    return {} if stored is None else {"teacher 1000 steps (cached)": stored["fid"]}
+
+
 OBJECTIVES = {"DxMI cd": ["critic.objective=cd"], "DxMI nce": ["critic.objective=nce"], "DxMI n2ce (M=100)": []}
-QUICK = ("train.batch_size=16",)
+QUICK_OVERRIDES = ("train.batch_size=16",)
 
 
 def run_dxmi_toy(quick: bool, out: Path) -> str:
@@ -179,9 +186,6 @@ def run_dxmi_toy(quick: bool, out: Path) -> str:
 
 
 def run_dxmi_digits(quick: bool, out: Path) -> str:
-    # the 1000-step teacher costs ten minutes per thousand samples on a CPU: its FID is measured once by
-    # scripts/teacher_baselines.py (assets/digits-teacher/baselines.json) with the same samples and seed
-    teacher_1000 = cached_baseline(REPO_ROOT / "assets" / "digits-teacher", "1000:ancestral:1000:0")
     setting = Setting(
         recipe="digits_dxmi_n2ce.yaml", teacher="digits-teacher", variants=OBJECTIVES,
         metric_name="fid", steps=4 if quick else DIGITS_STEPS, eval_every=2 if quick else DIGITS_STEPS // 4,
@@ -190,15 +194,14 @@ def run_dxmi_digits(quick: bool, out: Path) -> str:
             "DDIM 4 steps": {"steps": 4, "method": "euler"},
             "untrained student (ancestral 4 steps, its schedule)": {"steps": 4, "spacing": "auto"},
         },
-        cached={} if quick or teacher_1000 is None else {"teacher 1000 steps (cached)": teacher_1000["fid"]},
-        overrides=QUICK if quick else (),
+        cached={} if quick else _digits_teacher_1000(),
+        overrides=QUICK_OVERRIDES if quick else (),
         timing_samples=8 if quick else 200,
     )
     return _run(setting, _fid_metric(200 if quick else 1000), Path(out), "dxmi digits")
 
 
 def run_sid_digits(quick: bool, out: Path) -> str:
-    teacher_1000 = cached_baseline(REPO_ROOT / "assets" / "digits-teacher", "1000:ancestral:1000:0")
     setting = Setting(
         recipe="digits_sid_n2ce.yaml", teacher="digits-teacher",
         variants={
@@ -210,8 +213,8 @@ def run_sid_digits(quick: bool, out: Path) -> str:
         metric_name="fid", steps=4 if quick else SID_STEPS, eval_every=2 if quick else SID_STEPS // 4,
         seeds=(0,) if quick else (0, 1, 2),
         baselines={"DDIM 4 steps": {"steps": 4, "method": "euler"}},
-        cached={} if quick or teacher_1000 is None else {"teacher 1000 steps (cached)": teacher_1000["fid"]},
-        overrides=QUICK if quick else (),
+        cached={} if quick else _digits_teacher_1000(),
+        overrides=QUICK_OVERRIDES if quick else (),
         reach=None if quick else SID_REACH,
     )
     return _run(setting, _fid_metric(200 if quick else 1000), Path(out), "sid digits")
