@@ -12,6 +12,7 @@ reference lines.
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -29,7 +30,7 @@ from ..pipelines import load_sample_source
 from ..toy_metrics import eight_gaussians_report
 from ..trainer import Trainer
 
-__all__ = ["run_dxmi_toy", "run_dxmi_digits", "run_sid_digits"]
+__all__ = ["run_dxmi_toy", "run_dxmi_digits", "run_sid_digits", "curve_report", "fid_log_report"]
 
 Metric = Callable[[Callable], dict[str, float]]
 
@@ -90,7 +91,7 @@ def _sampling_cost(student: Path, teacher: str, num_samples: int) -> str:
 
 
 def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
-    from .report import markdown_table, new_figure, save_figure
+    from .report import markdown_table
 
     teacher = str(REPO_ROOT / "assets" / setting.teacher)
     key = setting.metric_name
@@ -125,14 +126,24 @@ def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
     rows = []
     for label, results in finals.items():
         values = [r[key] for r in results]
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        rows.append([label, statistics.mean(values), spread, ", ".join(f"{v:.3f}" for v in values),
-                     *[statistics.mean(r[e] for r in results) for e in extras], seconds[label]])
+        rows.append([label, *_spread(values), *[statistics.mean(r[e] for r in results) for e in extras], seconds[label]])
     rows += [[label, value, "", "", *[""] * len(extras), ""] for label, value in baselines.items()]
-    table = markdown_table(headers, rows)
-    curve_rows = [[label, *(statistics.mean(by_step[s]) for s in sorted(by_step))] for label, by_step in curves.items()]
-    steps = sorted(next(iter(curves.values()))) if curves else []
-    curve_table = markdown_table(["variant", *(f"{key} @ {s}" for s in steps)], curve_rows) if steps else ""
+    target = setting.reach or (1.5 * min(baselines.values()) if baselines else None)
+    return "\n\n".join([markdown_table(headers, rows), *curve_report(curves, key, baselines, target, out, title), *notes])
+
+
+def _spread(values: list[float]) -> list:
+    """Mean, standard deviation over seeds (0 for one seed) and the per-seed values as one cell."""
+    return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, ", ".join(f"{v:.3f}" for v in values)]
+
+
+def curve_report(
+    curves: dict[str, dict[int, list[float]]], key: str, baselines: dict[str, float], reach: float | None,
+    out: Path, title: str, max_columns: int = 10,
+) -> list[str]:
+    """The seed-mean curve table (at most ``max_columns`` evenly spaced steps), the first step at which each
+    variant's seed mean reaches ``reach``, and the curves saved as ``out/<title>.png`` (baselines as lines)."""
+    from .report import markdown_table, new_figure, save_figure
 
     fig, (ax,) = new_figure()
     for label, by_step in curves.items():
@@ -147,20 +158,69 @@ def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
     ax.set_title(title)
     ax.legend(fontsize=7)
     save_figure(fig, out, f"{title.replace(' ', '_')}.png")
-    target = setting.reach or (1.5 * min(baselines.values()) if baselines else None)
-    notes.insert(0, _iterations_to_reach(curves, target))
-    return "\n\n".join([table, curve_table, *[n for n in notes if n]])
+
+    steps = sorted(set().union(*curves.values())) if curves else []
+    if len(steps) > max_columns:  # evenly spaced, first and last included
+        steps = [steps[round(i * (len(steps) - 1) / (max_columns - 1))] for i in range(max_columns)]
+    rows = [[label, *(statistics.mean(by_step[s]) if s in by_step else "" for s in steps)] for label, by_step in curves.items()]
+    tables = [markdown_table(["variant", *(f"{key} @ {s}" for s in steps)], rows)] if steps else []
+    return tables + ([_iterations_to_reach(curves, reach)] if reach is not None else [])
 
 
-def _iterations_to_reach(curves: dict[str, dict[int, list[float]]], threshold: float | None) -> str:
-    """First checkpoint whose seed-mean metric is at most ``threshold``, per variant."""
-    if threshold is None:
-        return ""
+def _iterations_to_reach(curves: dict[str, dict[int, list[float]]], threshold: float) -> str:
+    """First step whose seed-mean metric is at most ``threshold``, per variant."""
     parts = []
     for label, by_step in curves.items():
         hit = next((s for s in sorted(by_step) if statistics.mean(by_step[s]) <= threshold), None)
         parts.append(f"{label}: {hit if hit is not None else 'not reached'}")
     return f"iterations to reach {threshold:.3f}: " + "; ".join(parts)
+
+
+def fid_log_report(
+    groups: dict[str, list[Path]], out: Path, title: str, baselines: dict[str, float] | None = None,
+    reach: float | None = None,
+) -> str:
+    """Tables and a plot from the ``fid.jsonl`` that the in-training FID hook (``eval.fid_every``) writes.
+
+    ``groups``: variant label -> its run folders (one per seed). Runs too long to re-train inside a
+    benchmark are compared this way: final and best FID over seeds, the curve, iterations to ``reach``.
+    """
+    from .report import markdown_table
+
+    baselines = baselines or {}
+    curves: dict[str, dict[int, list[float]]] = {}
+    rows = []
+    for label, runs in groups.items():
+        if not runs:
+            raise ValueError(f"{label}: no run folders")
+        logs = [_read_fid_log(run) for run in runs]
+        for log in logs:
+            for step, fid in log.items():
+                curves.setdefault(label, {}).setdefault(step, []).append(fid)
+        finals = [log[max(log)] for log in logs]
+        bests = [min(log.values()) for log in logs]
+        lengths = sorted({max(log) for log in logs})
+        rows.append([label, "-".join(str(n) for n in (lengths[0], lengths[-1])[: len(lengths)]), *_spread(finals),
+                     statistics.mean(bests), ", ".join(f"{min(log, key=log.get)}" for log in logs)])
+    rows += [[label, "", value, "", "", "", ""] for label, value in baselines.items()]
+    headers = ["variant", "iterations", "final fid (mean)", "std", "per seed", "best fid (mean)", "best at step"]
+    return "\n\n".join([markdown_table(headers, rows), *curve_report(curves, "fid", baselines, reach, Path(out), title)])
+
+
+def _read_fid_log(run: Path) -> dict[int, float]:
+    path = Path(run) / "fid.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no FID log (train with eval.fid_every > 0)")
+    log = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            entry = json.loads(line)
+            log[int(entry["step"])] = float(entry["fid"])  # a resumed run re-logs a step: the later entry wins
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}:{number}: not a FID log entry ({error})") from None
+    if not log:
+        raise ValueError(f"{path}: empty FID log")
+    return log
 
 
 def _digits_teacher_1000() -> dict[str, float]:
