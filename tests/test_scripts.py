@@ -53,5 +53,10 @@ def test_fid_curves_reads_globs_and_reports_bad_logs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| A | 200 | 3 | 1.41 | 4.000, 2.000 |" in out
     assert "iterations to reach 3.500: A: 200" in out
+    # at equal iterations: only the entries up to step 100 count
+    assert script.main([f"A (M=50)={tmp_path}/run_s*", "--max-step", "100", "--out", str(tmp_path / "out")]) == 0
+    assert "| A (M=50) | 100 | 7 | 1.41 | 8.000, 6.000 |" in capsys.readouterr().out
+    assert script.main([f"A={tmp_path}/run_s*", "--max-step", "50", "--out", str(tmp_path)]) == 2
+    assert "no FID entry at or before step 50" in capsys.readouterr().err
     assert script.main([f"B={tmp_path}/nothing*", "--out", str(tmp_path)]) == 2
     assert "B: no run folders" in capsys.readouterr().err

@@ -178,12 +178,13 @@ def _iterations_to_reach(curves: dict[str, dict[int, list[float]]], threshold: f
 
 def fid_log_report(
     groups: dict[str, list[Path]], out: Path, title: str, baselines: dict[str, float] | None = None,
-    reach: float | None = None,
+    reach: float | None = None, max_step: int | None = None,
 ) -> str:
     """Tables and a plot from the ``fid.jsonl`` that the in-training FID hook (``eval.fid_every``) writes.
 
     ``groups``: variant label -> its run folders (one per seed). Runs too long to re-train inside a
     benchmark are compared this way: final and best FID over seeds, the curve, iterations to ``reach``.
+    ``max_step`` drops later entries, to compare runs of different lengths at equal iterations.
     """
     from .report import markdown_table
 
@@ -193,7 +194,9 @@ def fid_log_report(
     for label, runs in groups.items():
         if not runs:
             raise ValueError(f"{label}: no run folders")
-        logs = [_read_fid_log(run) for run in runs]
+        logs = [{step: fid for step, fid in _read_fid_log(run).items() if max_step is None or step <= max_step} for run in runs]
+        if not all(logs):
+            raise ValueError(f"{label}: a run has no FID entry at or before step {max_step}")
         for log in logs:
             for step, fid in log.items():
                 curves.setdefault(label, {}).setdefault(step, []).append(fid)
