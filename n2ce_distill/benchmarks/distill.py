@@ -108,7 +108,8 @@ def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
                 recipe = load_recipe(REPO_ROOT / "recipes" / setting.recipe, [
                     f"teacher.path={teacher}", f"seed={seed}", f"train.max_steps={setting.steps}",
                     f"train.checkpoint_every={setting.eval_every}", "train.checkpoint_total_limit=null",
-                    f"train.sample_every={setting.steps}", *setting.overrides, *overrides,
+                    f"train.sample_every={setting.steps}", "eval.fid_every=0",  # checkpoints are scored below
+                    *setting.overrides, *overrides,
                 ])
                 start = time.perf_counter()
                 Trainer(recipe, run_dir).train()
