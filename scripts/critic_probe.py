@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(args.seed)
     dataset = dataset_from_config(recipe.data, args.seed)
-    data = torch.stack([dataset[i] for i in torch.randperm(len(dataset)).tolist()])
+    data = dataset.batch(torch.randperm(len(dataset)))
     samples = source(args.num_samples, torch.Generator().manual_seed(args.seed))
     split = lambda x: x.split([len(x) - int(args.held_out * len(x)), int(args.held_out * len(x))])  # noqa: E731
     (data_train, data_test), (samples_train, samples_test) = split(data), split(samples)
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     objective = critic_objective(recipe.critic)
     optimizer = torch.optim.Adam(critic.parameters(), lr=recipe.critic.lr, betas=recipe.train.adam_betas)
     batch = recipe.train.batch_size
+    pick = lambda x: x[torch.randint(len(x), (batch,))]  # noqa: E731
     print(f"| step | train loss | acc data | acc samples | logit data | logit samples |\n|{' --- |' * 6}")
     for step in range(1, args.steps + 1):
-        pick = lambda x: x[torch.randint(len(x), (batch,))]  # noqa: E731
         logits_data, logits_samples = critic(torch.cat([pick(data_train), pick(samples_train)])).split(batch)
         loss = objective(logits_data, logits_samples)
         optimizer.zero_grad()

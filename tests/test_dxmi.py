@@ -142,10 +142,12 @@ def test_training_step_updates_every_network(make_dxmi, objective):
     assert (old[:-1] != new[:-1]).all(), "a learnt per-step scale did not move"
     assert old[-1] == new[-1], "the fixed last scale must get no gradient"
     assert torch.equal(sampler.scales()[-1], torch.tensor(method.recipe.method.last_scale))
-    # the logged scales are the ones the sampler step used (before its update), one per step
+    # one logged scale per step, read after this step's update (a single Adam step moves log s by ~1e-5, so
+    # only exact equality tells the updated scales from the old ones)
     T = method.recipe.method.num_steps
     logged = torch.stack([logs[f"scale_{k}"] for k in range(T)])
-    torch.testing.assert_close(logged, torch.cat([old[:-1].exp(), sampler.scales()[-1:]]))
+    assert torch.equal(logged, sampler.scales().detach())
+    assert not torch.equal(logged[:-1], old[:-1].exp())
 
 
 def test_velocity_buffer_and_value_loss_match_the_trajectory(make_dxmi):

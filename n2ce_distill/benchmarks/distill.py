@@ -203,8 +203,8 @@ def fid_log_report(
                 curves.setdefault(label, {}).setdefault(step, []).append(fid)
         finals = [log[max(log)] for log in logs]
         bests = [min(log.values()) for log in logs]
-        lengths = sorted({max(log) for log in logs})
-        rows.append([label, "-".join(str(n) for n in (lengths[0], lengths[-1])[: len(lengths)]), *_spread(finals),
+        shortest, longest = min(max(log) for log in logs), max(max(log) for log in logs)
+        rows.append([label, str(longest) if shortest == longest else f"{shortest}-{longest}", *_spread(finals),
                      statistics.mean(bests), ", ".join(f"{min(log, key=log.get)}" for log in logs)])
     rows += [[label, "", value, "", "", "", ""] for label, value in baselines.items()]
     headers = ["variant", "iterations", "final fid (mean)", "std", "per seed", "best fid (mean)", "best at step"]
