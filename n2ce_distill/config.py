@@ -153,6 +153,18 @@ class DxMIConfig(_Strict):
     value_lr: PositiveFloat = 1e-5
     share_value: bool = False  # DxMI original: one time-independent net for energy and value
     value_guidance: float = 0.0  # g in x += g s_k grad V at sampling time
+    # the sampler learns only from steps k >= this: earlier steps land on noisy x_{k+1}, where V is the
+    # critic's extrapolation plus a young TD correction (0 = every step, as DxMI)
+    sampler_steps_from: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _trains_some_step(self) -> "DxMIConfig":
+        if self.sampler_steps_from >= self.num_steps:
+            raise ValueError(
+                f"method.sampler_steps_from: must be below method.num_steps ({self.num_steps}) or no step trains, "
+                f"got {self.sampler_steps_from}"
+            )
+        return self
 
 
 class SiDConfig(_Strict):

@@ -47,6 +47,7 @@ def test_one_key_swaps_the_objective(base):
         ("critic.M=0", "critic.M: Input should be greater than 0"),
         ("critic.M=-3", "critic.M: Input should be greater than 0"),
         ("method.num_steps=0", "method.num_steps: Input should be greater than or equal to 1"),
+        ("method.sampler_steps_from=4", "method.sampler_steps_from: must be below method.num_steps (4)"),
         ("train.lr=0", "train.lr: Input should be greater than 0"),
         ("train.batch_size=0", "train.batch_size: Input should be greater than or equal to 1"),
         ("train.batch_size=many", "train.batch_size: Input should be a valid integer"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 
@@ -169,10 +170,44 @@ def test_velocity_buffer_and_value_loss_match_the_trajectory(make_dxmi):
     torch.testing.assert_close(method.velocity, m * torch.ones(T) + (1 - m) * sq_step)
     assert ((method.velocity - 1).sign() == (sq_step - 1).sign()).all()  # moved toward the measured steps
 
-    # the critic is updated before the value loss is formed, and U is still 0 then
+    # the critic is updated before the value loss is formed, and U is still 0 then; it sees clamped images
     with torch.no_grad():
-        l = method.nets["critic"](traj.flatten(0, 1)).view(T + 1, B)
+        l = method.nets["critic"](traj.flatten(0, 1).clamp(-1, 1)).view(T + 1, B)
     torch.testing.assert_close(logs["loss_value"], (l[1:] - l[:-1]).pow(2).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_critic_judges_images_as_exported(make_dxmi):
+    """The critic step and V see clamp(x, -1, 1): what the pipeline exports, on the data's own range."""
+    method = make_dxmi("method.share_value=true")
+    critic_before = copy.deepcopy(method.nets["critic"])
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        final = method.nets["sampler"].sample(B, noise=lambda s: torch.randn(s))
+    assert (final.abs() > 1).any()  # the samples leave the data range, so the clamp is not a no-op
+    torch.set_rng_state(state)
+    logs = method.training_step(data_batch(), 0, make_update(method, []))
+    with torch.no_grad():
+        clamped, raw = critic_before(final.clamp(-1, 1)).mean(), critic_before(final).mean()
+    assert abs(clamped - raw) > 1e-5  # far above the tolerance below
+    torch.testing.assert_close(logs["logit_noise"], clamped, rtol=1e-6, atol=1e-7)
+
+    x, k = data_batch(2) * 3, torch.zeros(B, dtype=torch.long)  # most pixels outside [-1, 1]
+    with torch.no_grad():
+        assert torch.equal(method.value(x, k), -method.nets["critic"](x.clamp(-1, 1)))
+        assert not torch.equal(method.value(x, k), -method.nets["critic"](x))
+
+
+def test_sampler_steps_from_trains_only_later_steps(make_dxmi):
+    """From step 1 of 2: s_0 only shapes step 0's transition, so it stays; the shared denoiser still learns."""
+    method = make_dxmi("method.sampler_steps_from=1")
+    sampler = method.nets["sampler"]
+    before = snapshot(sampler)
+    torch.manual_seed(3)
+    method.training_step(data_batch(), 0, make_update(method, []))
+    moved = changed(before, sampler)
+    assert "log_scales" not in moved
+    assert any(name.startswith("denoiser.") for name in moved)
 
 
 def test_velocity_with_zero_momentum_is_the_last_squared_step(make_dxmi):
