@@ -152,7 +152,8 @@ def test_training_step_updates_every_network(make_dxmi, objective):
 
 
 def test_velocity_buffer_and_value_loss_match_the_trajectory(make_dxmi):
-    """v_k <- m * 1 + (1 - m) mean squared step; loss_value = E (l(x_{k+1}) - l(x_k))^2 while U = 0."""
+    """v_k <- m * 1 + (1 - m) mean squared step; loss_value = E (l(x_{k+1}) - l(x_k))^2 over k >= 1 while U = 0
+    (V(., 0) is read by nothing, so TD leaves it out)."""
     method = make_dxmi()
     m = method.recipe.method.velocity_momentum
     T = method.recipe.method.num_steps
@@ -173,7 +174,8 @@ def test_velocity_buffer_and_value_loss_match_the_trajectory(make_dxmi):
     # the critic is updated before the value loss is formed, and U is still 0 then; it sees clamped images
     with torch.no_grad():
         l = method.nets["critic"](traj.flatten(0, 1).clamp(-1, 1)).view(T + 1, B)
-    torch.testing.assert_close(logs["loss_value"], (l[1:] - l[:-1]).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    assert method.first_value_step == 1
+    torch.testing.assert_close(logs["loss_value"], (l[2:] - l[1:-1]).pow(2).mean(), rtol=1e-5, atol=1e-7)
 
 
 def test_critic_judges_images_as_exported(make_dxmi):
@@ -208,6 +210,20 @@ def test_sampler_steps_from_trains_only_later_steps(make_dxmi):
     moved = changed(before, sampler)
     assert "log_scales" not in moved
     assert any(name.startswith("denoiser.") for name in moved)
+
+
+@pytest.mark.parametrize("overrides, trained", [
+    (["method.sampler_steps_from=1"], False),  # the sampler reads only V(x_T, T) = -l: U is never read
+    (["method.sampler_steps_from=1", "method.value_guidance=0.5"], True),  # guidance reads V(x_1, 1)
+])
+def test_value_trains_only_where_it_is_read(make_dxmi, overrides, trained):
+    method = make_dxmi(*overrides)
+    before = snapshot(method.nets["value"])
+    calls = []
+    logs = method.training_step(data_batch(), 0, make_update(method, calls))
+    assert ("value" in [optimizer for _, optimizer, _, _ in calls]) == trained
+    assert ("loss_value" in logs) == trained
+    assert bool(changed(before, method.nets["value"])) == trained
 
 
 def test_velocity_with_zero_momentum_is_the_last_squared_step(make_dxmi):

@@ -89,6 +89,29 @@ def test_nonfinite_steps_can_be_skipped(dxmi_recipe, tmp_path, monkeypatch):
     assert torch.isfinite(params).all()
 
 
+def test_fp16_overflow_is_left_to_the_loss_scaler(dxmi_recipe, tmp_path):
+    """With a GradScaler (fp16 on a GPU) an overflowing gradient skips the step and halves the scale; without
+    one the same gradient is an error. A CPU scaler whose scale overflows fp32 stands in for the GPU's."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    trainer = Trainer(load_recipe(dxmi_recipe, ["train.max_steps=1", *TINY]), tmp_path / "scaled")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    trainer.accelerator.scaler = scaler
+    trainer.optimizers = {name: AcceleratedOptimizer(opt.optimizer, scaler=scaler) for name, opt in trainer.optimizers.items()}
+    nets = trainer.method.nets
+    before = {name: {k: v.clone() for k, v in nets[name].state_dict().items()} for name in ("critic", "sampler")}
+    trainer.train()
+    for name, weights in before.items():
+        assert all(torch.equal(v, nets[name].state_dict()[k]) for k, v in weights.items()), f"{name} moved on overflow"
+    # critic (loss ~5.6) and sampler (~0.6) overflow at 2^127 and each halves the scale; the value's loss, ~1e-10
+    # while U = 0, does not
+    assert scaler.get_scale() == 2.0**125
+
+    plain = Trainer(load_recipe(dxmi_recipe, ["train.max_steps=1", *TINY]), tmp_path / "plain")
+    with pytest.raises(NonFiniteError, match="step 0: non-finite critic gradient"):
+        plain._update("critic", plain.method.nets["critic"](torch.zeros(2, 1, 8, 8)).sum() * 1e30, "critic")
+
+
 def test_sigkill_then_resume_matches(dxmi_recipe, tmp_path):
     """Kill a real training process with SIGKILL after its first checkpoint, resume, compare weights."""
     args = [str(dxmi_recipe), "train.max_steps=6", "train.checkpoint_every=2", *TINY]

@@ -10,7 +10,8 @@ sees ``clamp(x, -1, 1)``, the samples as exported. One iteration:
 1. draw B trajectories without gradients;
 2. ``v_k <- m v_k + (1 - m) mean ||x_{k+1} - x_k||^2`` from ``v_k = 1`` (adaptive velocity scale);
 3. critic step: data vs ``x_T``, objective + ``gamma (E l_d^2 + E l_n^2)``;
-4. value step: ``V(x_k, k) -> V(x_{k+1}, k+1)`` detached, with ``V(x_T, T) = -l(x_T)``;
+4. value step: ``V(x_k, k) -> V(x_{k+1}, k+1)`` detached, with ``V(x_T, T) = -l(x_T)``, for the steps whose
+   value is read (``k > sampler_steps_from``, or ``k >= 1`` with value guidance);
 5. sampler step on transitions with ``k >= method.sampler_steps_from`` (0: all, as DxMI): re-draw
    ``x_{k+1}`` by reparameterisation and minimise
    ``V(x_{k+1}, k+1) + tau2 ||x_{k+1} - x_k||^2 / (2 v_k) - tau1 log s_k`` (per-dimension means).
@@ -103,6 +104,14 @@ class DxMI(Method):
         # student diverge, SW2 > 100, where raw inputs reached 0.12)
         return torch.where(k == self.recipe.method.num_steps, energy, energy + correction(x, k.float()))
 
+    @property
+    def first_value_step(self) -> int:
+        """The first step k whose ``V(., k)`` anything reads: the sampler reads ``V(x_{k+1}, k+1)`` for
+        ``k >= sampler_steps_from`` and guidance ``V(x, k+1)`` for every k; TD trains no earlier step (on digits,
+        ``sampler_steps_from = 2``, that is a quarter of the value's batch)."""
+        opts = self.recipe.method
+        return 1 if opts.value_guidance else opts.sampler_steps_from + 1
+
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
         opts = self.recipe.method
         sampler = self.nets["sampler"]
@@ -127,11 +136,13 @@ class DxMI(Method):
         logs = {"loss_critic": critic_loss.detach(), "logit_data": logits_data.detach().mean(),
                 "logit_noise": logits_noise.detach().mean()}
 
-        if "value" in self.nets:
-            k_all = torch.arange(T, device=device).repeat_interleave(B)
+        first = self.first_value_step
+        if "value" in self.nets and first < T:
+            n = T - first
+            k_all = torch.arange(first, T, device=device).repeat_interleave(B)
             with torch.no_grad():
-                target = self.value(x_next.reshape(T * B, *shape), k_all + 1)
-            value_loss = (self.value(x_now.reshape(T * B, *shape), k_all, self.nets["value"]) - target).pow(2).mean()
+                target = self.value(x_next[first:].reshape(n * B, *shape), k_all + 1)
+            value_loss = (self.value(x_now[first:].reshape(n * B, *shape), k_all, self.nets["value"]) - target).pow(2).mean()
             update("value", value_loss, "value")
             logs["loss_value"] = value_loss.detach()
 
