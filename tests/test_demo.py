@@ -8,3 +8,4 @@ def test_quick_demo_trains_evaluates_and_draws(tmp_path):
     assert (tmp_path / "student_samples.png").is_file()
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "results.md").read_text().startswith("|")
+    assert "trained 4 of the recipe's 2000 iterations" in report  # a shortened run says so
