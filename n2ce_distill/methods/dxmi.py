@@ -108,7 +108,7 @@ class DxMI(Method):
     def first_value_step(self) -> int:
         """The first step k whose ``V(., k)`` anything reads: the sampler reads ``V(x_{k+1}, k+1)`` for
         ``k >= sampler_steps_from`` and guidance ``V(x, k+1)`` for every k; TD trains no earlier step (on digits,
-        ``sampler_steps_from = 2``, that is a quarter of the value's batch)."""
+        ``sampler_steps_from = 2``, one step of the four)."""
         opts = self.recipe.method
         return 1 if opts.value_guidance else opts.sampler_steps_from + 1
 
