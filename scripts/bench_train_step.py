@@ -83,7 +83,7 @@ def run_case(recipe_name: str, precision: str, args, teacher: Path, images: Path
         *([f"train.batch_size={args.batch_size}"] if args.batch_size else []),
     ]
     recipe = load_recipe(REPO / "recipes" / recipe_name, overrides)
-    full_steps = load_recipe(REPO / "recipes" / recipe_name, overrides[:4]).train.max_steps
+    full_steps = load_recipe(REPO / "recipes" / recipe_name).train.max_steps  # the schedule a real run trains
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer = TimedTrainer(recipe, out)
