@@ -34,7 +34,7 @@ __all__ = ["run_dxmi_toy", "run_dxmi_digits", "run_sid_digits", "curve_report", 
 
 Metric = Callable[[Callable], dict[str, float]]
 
-TOY_STEPS = 3000  # iterations per run (full mode), the recipe's; curves are scored at every quarter
+TOY_STEPS = 1500  # iterations per run (full mode), the recipe's; curves are scored at every quarter
 DIGITS_STEPS = 2000  # the recipe's length: FID rises between 500 and 1100, then falls lower
 SID_STEPS = 200
 SID_REACH = 12.0  # FID that "iterations to reach" counts for the one-step students
