@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     fid.add_argument("--out", default="fid-output")
     fid.set_defaults(run=_fid)
 
-    bench = sub.add_parser("bench", help="benchmarks: chasm, mle_gradient, u_curve, overhead, dxmi_toy, dxmi_digits, sid_digits")
+    bench = sub.add_parser("bench", help="benchmarks: chasm, mle_gradient, u_curve, overhead, gauss_distill, dxmi_toy, dxmi_digits, sid_digits")
     bench.add_argument("name")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--out", default="benchmarks")

@@ -156,6 +156,9 @@ class DxMIConfig(_Strict):
     # the sampler learns only from steps k >= this: earlier steps land on noisy x_{k+1}, where V is the
     # critic's extrapolation plus a young TD correction (0 = every step, as DxMI)
     sampler_steps_from: int = Field(0, ge=0)
+    # the critic trains alone (no value or sampler steps) until this many images: a critic that already
+    # separates the initial student (0 = none, as DxMI; the density-chasm experiments use it)
+    sampler_warmup_images: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _trains_some_step(self) -> "DxMIConfig":

@@ -15,6 +15,21 @@ All losses are minimised:
 * CD (DxMI's energy loss): ``-E_d l + E_n l``: MLE-style gradient, unbounded below, needs the
   log-ratio regulariser ``gamma (E_d l^2 + E_n l^2)`` (``ratio_reg`` on the classes).
 
+Small-logit limit (why critics whose logits stay near 0 cannot tell the objectives apart). Write
+``w_d(l)`` and ``w_n(l)`` for the per-sample gradient of the loss wrt ``l`` on a data and a noise sample
+(the parameter gradient is ``E_d w_d ∇l + E_n w_n ∇l``). To first order in ``l``:
+
+* CD: ``w_d = -1``, ``w_n = +1`` exactly;
+* NCE: ``w_d = -σ(-l) ≈ -(1/2)(1 - l/2)``, ``w_n = σ(l) ≈ (1/2)(1 + l/2)``;
+* N²CE(M): ``w_d = -M/(M+r) ≈ -(M/(M+1))(1 - l/(M+1))``, ``w_n = M r/(M+r) ≈ (M/(M+1))(1 + M l/(M+1))``;
+* NWJ: ``w_d = -1``, ``w_n = r ≈ 1 + l``.
+
+So while ``|l| << 1`` every objective is CD times a constant (``1/2`` for NCE, ``M/(M+1)`` for N²CE) plus a
+relative correction of at most ``|l|`` per sample; an optimiser such as Adam removes the constant. The
+objectives differ only when the critic is confident (``|l|`` of order 1 or more; the density chasm is the
+extreme). :func:`~n2ce_distill.diagnostics.critic_diagnostics` labels a batch ``"linear"`` when the RMS
+logit is below 0.1, where these corrections are below 10%. ``docs/REGIMES.md`` has the derivation.
+
 Divergence view: with ``alpha = M/(1+M)``, ``m = alpha q + (1-alpha) p`` and
 ``D_alpha = (1-alpha) KL(p||m) + alpha KL(q||m)``, ``D_alpha = h(alpha) - min_l N²CE_M / (1+M)``
 (``h`` the binary entropy in nats): JS at M=1, and ``(1+M) D_alpha -> KL(p||q)`` as M -> inf.
@@ -140,8 +155,11 @@ class CriticObjective(ABC):
     """A critic loss as a small callable holding its hyperparameters.
 
     ``objective(ld, ln, weight_data=None, weight_noise=None)`` returns the scalar loss to minimise:
-    :meth:`loss` plus ``ratio_reg * (E_d l^2 + E_n l^2)``.
+    :meth:`loss` plus ``ratio_reg * (E_d l^2 + E_n l^2)``. ``M`` is the noise magnification for the
+    objectives that have one (N²CE) and ``None`` for the others.
     """
+
+    M: float | None = None
 
     def __init__(self, ratio_reg: float = 0.0):
         ratio_reg = float(ratio_reg)

@@ -2,8 +2,9 @@
 
 It owns what every loop shares: devices and mixed precision, gradient accumulation, multi-process
 data sharding, EMA (ema-pytorch), atomic ``checkpoint-<step>`` folders with a total limit and
-``--resume latest``, TensorBoard logging, sample grids, the FID hook with a ``best/`` export, and
-non-finite guards. Methods only say what one step computes.
+``--resume latest``, TensorBoard logging, the critic's regime diagnostics (``critic/*`` scalars, the
+progress bar, and a plain-words line when the run stays linear or enters the chasm), sample grids,
+the FID hook with a ``best/`` export, and non-finite guards. Methods only say what one step computes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +24,8 @@ from tqdm.auto import tqdm
 from . import checkpoints
 from .config import DataConfig, RecipeConfig
 from .data import build_dataset, infinite_loader
-from .methods import build_method
+from .diagnostics import REGIMES, RegimeMonitor, critic_diagnostics
+from .methods import StepOutput, build_method
 from .visualize import save_samples
 
 __all__ = ["NonFiniteError", "Trainer", "dataset_from_config"]
@@ -68,6 +71,7 @@ class Trainer:
             raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by {world} processes")
         self.loader = infinite_loader(self.dataset, train.batch_size, recipe.seed)
         self.step, self.skipped_steps, self.best_fid = 0, 0, math.inf
+        self.regimes, self._regime = RegimeMonitor(), None
         if resume:
             self._resume(resume)
 
@@ -119,17 +123,20 @@ class Trainer:
             batch = batch[rank * per_process:(rank + 1) * per_process].to(acc.device)
             try:
                 with acc.accumulate(*self.method.nets.values()), acc.autocast():
-                    logs = self.method.training_step(batch, self.step, self._update)
+                    output = self.method.training_step(batch, self.step, self._update)
             except _SkipStep as skipped:
                 self.skipped_steps += 1
                 log.warning("%s; step skipped (%d so far)", skipped, self.skipped_steps)
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
-                logs = {}
+                output = StepOutput({})
             self.ema.update()
             self.step += 1
             self._bar.update(1)
-            self._after_step({k: float(v) for k, v in logs.items()})
+            self._after_step(output)
+        summary = self.regimes.summary()
+        if summary:
+            self._say(summary)
         self._bar.close()
         final = self.output_dir / "pipeline"
         if acc.is_main_process:
@@ -138,13 +145,17 @@ class Trainer:
         acc.end_training()
         return final
 
-    def _after_step(self, logs: dict[str, float]) -> None:
+    def _after_step(self, output: StepOutput) -> None:
         train, step = self.recipe.train, self.step
+        logs = {k: float(v) for k, v in output.scalars.items()}
         if step % train.log_every == 0 or step == train.max_steps:
             logs["skipped_steps"] = self.skipped_steps
+            if output.critic_logits is not None:
+                logs |= self._critic_logs(*output.critic_logits)
             self.accelerator.log(logs, step=step)
         if logs:
-            self._bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
+            postfix = {k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")}
+            self._bar.set_postfix(postfix | ({"regime": self._regime} if self._regime else {}), refresh=False)
         if step % train.sample_every == 0 or step == train.max_steps:
             self._save_samples()
         fid_every = self.recipe.eval.fid_every
@@ -152,6 +163,19 @@ class Trainer:
             self._evaluate_fid()
         if step % train.checkpoint_every == 0 or step == train.max_steps:
             self.save_checkpoint()
+
+    def _critic_logs(self, logits_data: torch.Tensor, logits_noise: torch.Tensor) -> dict[str, float]:
+        """The critic's diagnostics as ``critic/*`` scalars (regime as its index in ``REGIMES``); says once,
+        in plain words, when the run stays in the linear regime and when it enters the chasm."""
+        diag = critic_diagnostics(logits_data, logits_noise, M=getattr(self.method.objective, "M", None))
+        self._regime = diag.pop("regime")
+        for message in self.regimes.observe(self.step, diag | {"regime": self._regime}):
+            self._say(message)
+        return {f"critic/{k}": v for k, v in diag.items()} | {"critic/regime": float(REGIMES.index(self._regime))}
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_local_main_process:
+            tqdm.write(message, file=sys.stderr)
 
     def _samples(self, count: int, seed: int) -> torch.Tensor:
         generator = torch.Generator(self.accelerator.device).manual_seed(seed)

@@ -51,10 +51,11 @@ def test_chasm_quick(quick_results):
     out, results = quick_results
     header, rows = _table(results["chasm"])
     assert header == ["method", "d=40 (KL 10)"]
-    assert [r[0] for r in rows] == [m.label for m in chasm.METHODS]
-    assert (out / "chasm.png").stat().st_size > 0
+    assert [r[0] for r in rows] == [chasm.TRUTH] + [m.label for m in chasm.METHODS]
+    assert (out / "chasm.png").stat().st_size > 0 and (out / "chasm_steps.png").stat().st_size > 0
     est = {r[0]: float(r[1].split()[0]) for r in rows}
     assert all(math.isfinite(v) for v in est.values())
+    assert est[chasm.TRUTH] == pytest.approx(10, rel=0.05)  # the exact ratio's E_p l on 10k samples
     # the point of the benchmark: magnifying the noise pulls the estimate towards the truth (10 nats)
     assert abs(est["N2CE M=1000"] - 10) < abs(est["NCE"] - 10)
 
@@ -127,6 +128,37 @@ def test_chasm_model_and_sampler():
         critic.weight.copy_(torch.block_diag(*[block] * (dim // 2)))
         critic.beta.fill_(kl / dim)
         assert abs(float(critic(x).mean()) - kl) < 0.05
+
+
+def test_chasm_true_log_ratio_and_linear_critic_term():
+    dim = 6
+    rho = chasm.block_correlation(dim, dim / 4)
+    cov = chasm.block_covariance(dim, rho)
+    assert cov[0, 1] == rho and cov[1, 2] == 0 and torch.equal(cov, cov.T)
+    x = torch.randn(50, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = torch.distributions.MultivariateNormal(torch.zeros(dim, dtype=torch.float64), cov)
+    q = torch.distributions.MultivariateNormal(torch.zeros(dim, dtype=torch.float64), torch.eye(dim, dtype=torch.float64))
+    torch.testing.assert_close(chasm.true_log_ratio(x, rho), p.log_prob(x) - q.log_prob(x))
+    critic = chasm.QuadraticCritic(dim, linear=True).double()
+    assert torch.equal(critic(x), torch.zeros(50, dtype=torch.float64))  # starts at l = 0
+    with torch.no_grad():
+        critic.shift.fill_(1.0)
+    torch.testing.assert_close(critic(x), x.sum(1))
+    assert chasm.QuadraticCritic(dim).shift is None
+
+
+def test_chasm_fresh_batches_never_repeat_and_fit_tracks_every_interval():
+    batches = list(chasm.fresh_batches(4, 8, 5, torch.Generator().manual_seed(0)))
+    assert len(batches) == 5 and all(d.shape == n.shape == (8, 4) for d, n in batches)
+    assert len({tuple(d[0].tolist()) for d, _ in batches}) == 5
+    steps = 2 * chasm.TRACK_EVERY + 3
+    track = torch.randn(100, 4)
+    method = next(m for m in chasm.METHODS if m.label == "NCE")
+    critic, trajectory = chasm.fit(method, 4, chasm.fresh_batches(4, 64, steps, torch.Generator().manual_seed(0)),
+                                   steps, 3e-3, track=track)
+    assert len(trajectory) == 3 + 1 and trajectory[0] == 0.0  # steps 0, 100, 200, and the end
+    with torch.no_grad():
+        assert trajectory[-1] == pytest.approx(float(critic(track).mean()))
 
 
 def test_u_curve_best_M_parabola():

@@ -1,11 +1,11 @@
-"""Critic diagnostics: analytic values, self-normalisation of a true log-ratio, the chasm warning."""
+"""Critic diagnostics: analytic values, self-normalisation of a true log-ratio, the regimes, the chasm warning."""
 
 import math
 
 import pytest
 import torch
 
-from n2ce_distill.diagnostics import chasm_warning, critic_diagnostics
+from n2ce_distill.diagnostics import CHASM_ACCURACY, LINEAR_RMS, RegimeMonitor, chasm_warning, critic_diagnostics
 
 
 def test_hand_made_logits():
@@ -13,13 +13,20 @@ def test_hand_made_logits():
     ln = torch.tensor([-2.0, -1.0, 1.0, 0.0])  # 0 counts as neither side's win
     diag = critic_diagnostics(ld, ln)
     expected = {
-        "acc_data": 0.75, "acc_noise": 0.5, "logit_data": 1.125, "logit_noise": -0.5, "kl_estimate": 1.125,
+        "acc_data": 0.75, "acc_noise": 0.5, "logit_data": 1.125, "logit_noise": -0.5, "logit_gap": 1.625,
+        "logit_rms": math.sqrt((4 + 1 + 9 + 0.25 + 4 + 1 + 1 + 0) / 8), "kl_estimate": 1.125,
         "self_normalisation": math.log((math.exp(-2) + math.exp(-1) + math.e + 1) / 4),
     }
+    assert diag.pop("regime") == "informative"
     assert diag.keys() == expected.keys()
     for key, value in expected.items():
         assert isinstance(diag[key], float)
         assert diag[key] == pytest.approx(value, abs=1e-6), key
+    # with M: the share of noise samples whose N²CE weight M r / (M + r) is capped (r > M, i.e. l > log M)
+    assert critic_diagnostics(ld, ln, M=math.e ** 0.5)["capped_noise"] == 0.25
+    assert critic_diagnostics(ld, ln, M=100.0)["capped_noise"] == 0.0
+    with pytest.raises(ValueError, match="M"):
+        critic_diagnostics(ld, ln, M=0.0)
 
 
 def test_any_shape_is_flattened_and_gradients_are_ignored():
@@ -67,3 +74,39 @@ def test_chasm_warning_on_saturated_logits_only():
 def test_empty_logits_raise():
     with pytest.raises(ValueError, match="logits_noise"):
         critic_diagnostics(torch.ones(3), torch.ones(0))
+
+
+def test_regimes_follow_the_documented_thresholds():
+    g = torch.Generator().manual_seed(0)
+    tiny = critic_diagnostics(0.02 + 0.01 * torch.randn(500, generator=g), -0.02 + 0.01 * torch.randn(500, generator=g))
+    assert tiny["regime"] == "linear" and tiny["logit_rms"] < LINEAR_RMS
+    # same signs, scaled past the RMS threshold: informative, though the accuracies are unchanged
+    scaled = critic_diagnostics(10 * (0.02 + 0.01 * torch.randn(500, generator=g)), 10 * (-0.02 + 0.01 * torch.randn(500, generator=g)))
+    assert scaled["regime"] == "informative"
+    # saturated accuracies on both sides are the chasm, unless the logits are tiny: then every objective
+    # gives the same update however well their signs separate the batches
+    separated = critic_diagnostics(torch.full((200,), 0.05), torch.full((200,), -0.05))
+    assert separated["acc_data"] == separated["acc_noise"] == 1.0 > CHASM_ACCURACY
+    assert separated["regime"] == "linear"
+    assert critic_diagnostics(torch.full((200,), 0.5), torch.full((200,), -0.5))["regime"] == "chasm"
+    one_side = critic_diagnostics(torch.full((200,), 5.0), torch.cat([torch.full((190,), -5.0), torch.full((10,), 5.0)]))
+    assert one_side["regime"] == "informative"  # noise accuracy 0.95
+
+
+def test_regime_monitor_says_linear_once_after_patience_and_chasm_once():
+    monitor = RegimeMonitor(patience=3)
+    linear = {"regime": "linear", "logit_rms": 0.01}
+    chasm = critic_diagnostics(torch.full((200,), 9.0), torch.full((200,), -9.0))
+    assert monitor.observe(0, linear) == [] and monitor.observe(50, linear) == []
+    assert monitor.observe(100, {"regime": "informative"}) == []  # the run of linear steps is broken
+    assert [monitor.observe(s, linear) for s in (150, 200)] == [[], []]
+    (message,) = monitor.observe(250, linear)
+    assert "since step 150" in message and "changes only the step size" in message
+    assert monitor.observe(300, linear) == []  # said once
+    (entered,) = monitor.observe(350, chasm)
+    assert "step 350" in entered and "density chasm" in entered
+    assert monitor.observe(400, chasm) == []
+    assert monitor.summary() == "critic regime over 9 logged steps: linear 67%, informative 11%, chasm 22%"
+    assert RegimeMonitor().summary() is None
+    with pytest.raises(ValueError, match="patience"):
+        RegimeMonitor(patience=0)

@@ -389,3 +389,77 @@ def test_invalid_hyperparameters_raise(bad):
             NCE(ratio_reg=bad)
     with pytest.raises(ValueError, match="ratio_reg"):
         build_objective("cd", ratio_reg=-1e-3)
+
+
+# ---------------------------------------------------------------------------------- small-logit limit
+
+def test_first_order_weights_in_the_small_logit_limit():
+    """Per-sample weights dL/dl against the first-order formulas of the module docstring (error O(l^2))."""
+    M, B = 50.0, 4
+    for l0 in (1e-2, -1e-2, 1e-3):
+        l = torch.full((B,), l0, dtype=DTYPE)
+        first_order = {
+            NCE(): (-0.5 * (1 - l0 / 2), 0.5 * (1 + l0 / 2)),
+            N2CE(M=M): (-(M / (M + 1)) * (1 - l0 / (M + 1)), (M / (M + 1)) * (1 + M * l0 / (M + 1))),
+            NWJ(): (-1.0, 1 + l0),
+            CD(): (-1.0, 1.0),
+        }
+        for objective, (w_data, w_noise) in first_order.items():
+            ld, ln = l.clone().requires_grad_(), l.clone().requires_grad_()
+            objective(ld, ln).backward()
+            assert (B * ld.grad).tolist() == pytest.approx([w_data] * B, abs=l0**2), objective
+            assert (B * ln.grad).tolist() == pytest.approx([w_noise] * B, abs=l0**2), objective
+
+
+def _separating_critic():
+    """A small MLP critic fitted (NCE) on data N(3, I) against noise N(0, I) in 4-D: far apart."""
+    g = torch.Generator().manual_seed(0)
+    x_data = torch.randn(256, 4, generator=g, dtype=DTYPE) + 3.0
+    x_noise = torch.randn(256, 4, generator=g, dtype=DTYPE)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(DTYPE)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(300):
+        ld, ln = net(torch.cat([x_data, x_noise])).squeeze(-1).split(256)
+        loss = NCE()(ld, ln)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net, x_data, x_noise
+
+
+def test_parameter_gradients_agree_as_logits_shrink_and_differ_when_large():
+    """cos(grad_theta NCE, grad_theta N²CE, grad_theta CD) -> 1 like rms(l)^2 for the critic ``s f_theta``
+    as s -> 0, and departs from 1 when the critic is confident (the diagnostics then read linear / chasm)."""
+    from n2ce_distill.diagnostics import LINEAR_RMS, critic_diagnostics
+
+    net, x_data, x_noise = _separating_critic()
+    objectives = {"nce": NCE(), "n2ce": N2CE(M=100.0), "cd": CD(), "nwj": NWJ()}
+
+    def gradients(scale):
+        grads = {}
+        for name, objective in objectives.items():
+            net.zero_grad()
+            ld, ln = (scale * net(torch.cat([x_data, x_noise])).squeeze(-1)).split(256)
+            objective(ld, ln).backward()
+            grads[name] = torch.cat([p.grad.flatten() for p in net.parameters()])
+        return grads, critic_diagnostics(ld, ln)
+
+    def one_minus_cos(grads):
+        names = sorted(grads)
+        return {(a, b): 1 - F.cosine_similarity(grads[a], grads[b], dim=0).item()
+                for i, a in enumerate(names) for b in names[i + 1:]}
+
+    small, diag_small = gradients(1e-2)
+    smaller, _ = gradients(1e-3)
+    assert diag_small["logit_rms"] < LINEAR_RMS and diag_small["regime"] == "linear"
+    gaps, gaps_smaller = one_minus_cos(small), one_minus_cos(smaller)
+    for pair, gap in gaps.items():
+        assert gap < 1e-3, pair  # cosine above 0.999 in the linear regime
+        assert 50 < gap / gaps_smaller[pair] < 200, pair  # second order: 10x smaller logits, ~100x closer
+
+    large, diag_large = gradients(1.0)
+    assert diag_large["regime"] == "chasm" and diag_large["logit_rms"] > 5
+    gaps_large = one_minus_cos(large)
+    assert gaps_large[("cd", "nce")] > 0.2  # NCE ignores the well-classified samples that CD still counts
+    assert gaps_large[("n2ce", "nce")] > 0.5

@@ -152,3 +152,33 @@ def test_fid_hook_logs_and_keeps_best_export(dxmi_recipe, tmp_path):
     assert [line["step"] for line in lines] == [1, 2] and all(line["fid"] > 0 for line in lines)
     assert trainer.best_fid == min(line["fid"] for line in lines)
     assert (tmp_path / "best" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("scale, said", [(1e-4, "changes only the step size"), (None, "entered the density chasm")])
+def test_critic_regime_is_logged_and_said_once(dxmi_recipe, tmp_path, monkeypatch, capsys, scale, said):
+    """The trainer logs the critic's diagnostics at every logged step and says each regime change once:
+    the method's logits are rescaled (tiny: linear) or replaced by separated ones (chasm)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = load_recipe(dxmi_recipe, ["train.max_steps=12", "train.checkpoint_every=12", *TINY])
+    trainer = Trainer(recipe, tmp_path)
+    original = trainer.method.training_step
+
+    def rescaled(*args):
+        output = original(*args)
+        ld, ln = output.critic_logits
+        output.critic_logits = (scale * ld, scale * ln) if scale else (ld.abs() + 20, -ln.abs() - 20)
+        return output
+
+    monkeypatch.setattr(trainer.method, "training_step", rescaled)
+    trainer.train()
+    err = capsys.readouterr().err
+    assert err.count(said) == 1
+    regime = "linear" if scale else "chasm"
+    assert err.count(f"critic regime over 12 logged steps: ") == 1 and f"{regime} 100%" in err
+    events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("critic/")}
+    assert {"critic/acc_data", "critic/logit_gap", "critic/logit_rms", "critic/capped_noise", "critic/regime"} <= set(logged)
+    assert len(logged["critic/regime"]) == 12
+    assert set(logged["critic/regime"]) == {float(["linear", "informative", "chasm"].index(regime))}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from ..config import RecipeConfig
-from .base import Method, Update
+from .base import Method, StepOutput, Update
 
-__all__ = ["Method", "Update", "build_method"]
+__all__ = ["Method", "StepOutput", "Update", "build_method"]
 
 
 def build_method(recipe: RecipeConfig, dataset: Dataset) -> Method:

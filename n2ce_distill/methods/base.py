@@ -7,6 +7,7 @@ A :class:`Method` never touches devices, processes, checkpoints or logging; the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -17,7 +18,7 @@ from ..config import CriticConfig, RecipeConfig
 from ..denoisers import Denoiser, load_denoiser
 from ..objectives import CriticObjective, build_objective
 
-__all__ = ["Method", "Update", "critic_objective", "load_teacher", "unwrap"]
+__all__ = ["Method", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
 
 
 class Update(Protocol):
@@ -26,16 +27,28 @@ class Update(Protocol):
     def __call__(self, term: str, loss: torch.Tensor, optimizer: str, clip: float | None = None) -> None: ...
 
 
+@dataclass
+class StepOutput:
+    """What one training step reports: detached scalars to log and, for methods with a critic, the
+    critic's logits on this step's data and noise (any shapes), which the trainer turns into
+    :func:`~n2ce_distill.diagnostics.critic_diagnostics` at its logging steps."""
+
+    scalars: dict[str, torch.Tensor]
+    critic_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class Method(ABC):
     """One training loop.
 
     Subclasses fill ``self.nets`` (trainable modules, checkpointed and wrapped by Accelerate; always
     call them through this dict so distributed wrappers are used) and implement the abstract methods.
     ``self.frozen`` holds modules that are moved to the device but never trained (teachers).
+    ``self.objective`` is the critic objective of methods that train a critic.
     """
 
     def __init__(self, recipe: RecipeConfig):
         self.recipe = recipe
+        self.objective: CriticObjective | None = None
         self.nets: dict[str, nn.Module] = {}
         self.frozen: dict[str, nn.Module] = {}
         self.shard = (0, 1)  # (process index, number of processes), set by the trainer
@@ -71,8 +84,8 @@ class Method(ABC):
         """Key in ``self.nets`` of the network whose EMA is exported and sampled."""
 
     @abstractmethod
-    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
-        """Run one iteration on a data batch, calling ``update`` once per optimiser; return scalars to log."""
+    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
+        """Run one iteration on a data batch, calling ``update`` once per optimiser."""
 
     @abstractmethod
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:

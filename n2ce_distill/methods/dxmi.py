@@ -15,6 +15,8 @@ sees ``clamp(x, -1, 1)``, the samples as exported. One iteration:
 5. sampler step on transitions with ``k >= method.sampler_steps_from`` (0: all, as DxMI): re-draw
    ``x_{k+1}`` by reparameterisation and minimise
    ``V(x_{k+1}, k+1) + tau2 ||x_{k+1} - x_k||^2 / (2 v_k) - tau1 log s_k`` (per-dimension means).
+
+Steps 4 and 5 wait until ``method.sampler_warmup_images`` images have been seen (the critic trains alone).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..critics import ConvCritic, MLPCritic
 from ..fewstep import FewStepSampler
 from ..pipelines import FewStepPipeline, clamp_images
 from ..samplers import few_step_sigmas
-from .base import Method, Update, critic_objective, load_teacher, unwrap
+from .base import Method, StepOutput, Update, critic_objective, load_teacher, unwrap
 
 __all__ = ["DxMI", "build_critic"]
 
@@ -112,7 +114,7 @@ class DxMI(Method):
         opts = self.recipe.method
         return 1 if opts.value_guidance else opts.sampler_steps_from + 1
 
-    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
         opts = self.recipe.method
         sampler = self.nets["sampler"]
         B, T, device = batch.shape[0], opts.num_steps, batch.device
@@ -133,8 +135,10 @@ class DxMI(Method):
         logits_data, logits_noise = self.nets["critic"](torch.cat([batch, clamp_images(traj[-1])])).split(B)
         critic_loss = self.objective(logits_data, logits_noise)
         update("critic", critic_loss, "critic")
-        logs = {"loss_critic": critic_loss.detach(), "logit_data": logits_data.detach().mean(),
-                "logit_noise": logits_noise.detach().mean()}
+        logs = {"loss_critic": critic_loss.detach()}
+        critic_logits = (logits_data.detach(), logits_noise.detach())
+        if step * self.recipe.train.batch_size < opts.sampler_warmup_images:
+            return StepOutput(logs, critic_logits)
 
         first = self.first_value_step
         if "value" in self.nets and first < T:
@@ -159,7 +163,7 @@ class DxMI(Method):
         logs["loss_sampler"] = sampler_loss.detach()
         # the learned noise scales (after this update): on digits s_0 grew whenever the early steps trained
         logs.update({f"scale_{i}": s.detach() for i, s in enumerate(unwrap(sampler).scales())})
-        return logs
+        return StepOutput(logs, critic_logits)
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         guidance = self.recipe.method.value_guidance

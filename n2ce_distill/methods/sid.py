@@ -29,7 +29,7 @@ from ..config import RecipeConfig
 from ..fewstep import FewStepSampler
 from ..objectives import build_generator_loss
 from ..pipelines import FewStepPipeline
-from .base import Method, Update, critic_objective, load_teacher, unwrap
+from .base import Method, StepOutput, Update, critic_objective, load_teacher, unwrap
 
 __all__ = ["SiD", "EncoderLogits"]
 
@@ -64,10 +64,9 @@ class SiD(Method):
         sigmas = torch.tensor([opts.sigma_init, 0.0])
         self.nets["generator"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, last_scale=0.0)
         self.encoder = EncoderLogits(self.nets["fake_score"].net) if opts.adversarial else None
-        critic = recipe.critic
-        self.objective = critic_objective(critic)
-        self.M = critic.M if critic.objective == "n2ce" else 1.0
-        name = {"kl": "kl", "nonsat": "n2ce_nonsat" if critic.objective == "n2ce" else "nonsat"}[opts.generator_loss]
+        self.objective = critic_objective(recipe.critic)
+        self.M = self.objective.M or 1.0  # the objective's noise magnification; NCE's is 1
+        name = {"kl": "kl", "nonsat": "nonsat" if self.objective.M is None else "n2ce_nonsat"}[opts.generator_loss]
         self.generator_term = build_generator_loss(name, M=self.M if name == "n2ce_nonsat" else None)
 
     @property
@@ -93,7 +92,7 @@ class SiD(Method):
         log_m = math.log(self.M)  # clamp l - log M, never l itself: clamping l at +-10 kills N²CE's gradients
         return logits.clamp(log_m - clamp, log_m + clamp)
 
-    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
         opts, sd = self.recipe.method, unwrap(self.nets["fake_score"]).sigma_data
         B, device = batch.shape[0], batch.device
         images_seen = step * self.recipe.train.batch_size
@@ -109,18 +108,19 @@ class SiD(Method):
         denoised = self.nets["fake_score"](inputs, sigma.repeat(2))
         fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).sum(1)).mean()
         logs = {"loss_fake_score": fake_loss.detach()}
+        critic_logits = None
         if self.encoder is not None:
             logits_fake, logits_real = self._critic_logits(self.encoder.logits()).split(B)
             positions = logits_real[0].numel()  # the objectives average over positions: sum them instead
             critic_loss = positions * self.objective(logits_real, logits_fake, weight_data=weight, weight_noise=weight)
             fake_loss = fake_loss + opts.critic_weight * critic_loss
-            logs |= {"loss_critic": critic_loss.detach(), "logit_data": logits_real.detach().mean(),
-                     "logit_noise": logits_fake.detach().mean()}
+            logs["loss_critic"] = critic_loss.detach()
+            critic_logits = (logits_real.detach(), logits_fake.detach())
         update("fake_score", fake_loss, "fake_score")
 
         # 2. generator, after its warm-up
         if images_seen < opts.generator_warmup_images:
-            return logs
+            return StepOutput(logs, critic_logits)
         x_g = self._generate(B, device)
         t = opts.t_max * self.draw(lambda n: torch.rand(n, device=device), B)
         lo, hi = opts.sigma_min ** (1 / 7), opts.sigma_max ** (1 / 7)
@@ -139,7 +139,7 @@ class SiD(Method):
             generator_loss = (1 - opts.adv_weight) * sid_loss + opts.adv_weight * adversarial
             logs["loss_adversarial"] = adversarial.detach()
         update("generator", generator_loss, "generator")
-        return logs
+        return StepOutput(logs, critic_logits)
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return unwrap(model).sample(batch_size, generator=generator)

@@ -16,7 +16,7 @@ from ..config import RecipeConfig
 from ..denoisers import EDMDenoiser, VPEpsilonDenoiser
 from ..nets import ToyMLP, tiny_unet
 from ..samplers import teacher_sample
-from .base import Method, Update, unwrap
+from .base import Method, StepOutput, Update, unwrap
 
 __all__ = ["TeacherTraining"]
 
@@ -47,13 +47,13 @@ class TeacherTraining(Method):
         train = self.recipe.train
         return {"denoiser": torch.optim.Adam(self.nets["denoiser"].parameters(), lr=train.lr, betas=train.adam_betas)}
 
-    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
         denoiser = unwrap(self.nets["denoiser"])
         sigma = self.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
         noise = self.randn(len(batch), *batch.shape[1:], device=batch.device)
         loss = denoiser.denoising_loss(batch, sigma=sigma, noise=noise, model=self.nets["denoiser"]).mean()
         update("denoiser", loss, "denoiser")
-        return {"loss_denoise": loss.detach()}
+        return StepOutput({"loss_denoise": loss.detach()})
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return teacher_sample(model, batch_size, steps=PREVIEW_STEPS, method="euler", generator=generator)
