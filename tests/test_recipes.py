@@ -31,6 +31,8 @@ def test_recipe_trains_two_steps(path, tmp_path, vp_teacher, toy_teacher):
         overrides += ["data.name=digits", "data.root=null", "data.image_size=null"]
     if raw["method"]["name"] == "sid":
         overrides += ["method.generator_warmup_images=0", "method.adversarial_warmup_images=8"]
+    if raw["method"]["name"] == "dxmi":
+        overrides.append("method.sampler_warmup_images=8")  # step 0 trains the critic alone, step 1 everything
     recipe = load_recipe(path, overrides)
     final = Trainer(recipe, tmp_path / "run").train()
     assert (final / "model_index.json").is_file()

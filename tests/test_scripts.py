@@ -71,3 +71,36 @@ def test_train_step_bench_teacher_has_the_ddpm_cifar10_architecture(tmp_path):
     assert isinstance(teacher, VPEpsilonDenoiser) and teacher.sample_shape == (3, 32, 32)
     assert abs(sum(p.numel() for p in teacher.net.parameters()) - 35.7e6) < 0.05e6
     assert abs(teacher.sigma_max - 157.4) < 0.1
+
+
+def _critic_log(run, values):
+    """A TensorBoard log as the trainer writes it: critic/* scalars at the given steps."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run / "logs" / "n2ce-distill"))
+    for step, (regime, rms) in values.items():
+        for field, value in {"regime": regime, "logit_rms": rms, "logit_gap": 2 * rms, "acc_data": 0.5,
+                             "acc_noise": 1.0}.items():
+            writer.add_scalar(f"critic/{field}", value, step)
+    writer.close()
+
+
+def test_regime_report_windows_over_seeds(tmp_path, capsys):
+    script = load_script("regime_report")
+    _critic_log(tmp_path / "a_s0", {10: (0, 0.01), 20: (2, 3.0), 30: (1, 1.0)})
+    _critic_log(tmp_path / "a_s1", {10: (0, 0.03), 20: (2, 5.0), 30: (2, 2.0)})
+    assert script.main([f"chasm run={tmp_path}/a_s*", "--window", "20"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[1] for r in rows] == ["1-20", "21-40"]
+    assert rows[0][2] == "50 / 0 / 50" and float(rows[0][3]) == pytest.approx(2.01)
+    assert rows[1][2] == "0 / 50 / 50" and float(rows[1][4]) == pytest.approx(3.0)
+
+
+def test_regime_report_bad_input_is_one_line(tmp_path, capsys):
+    script = load_script("regime_report")
+    assert script.main([f"x={tmp_path}/none*"]) == 2
+    assert "x: no run folders" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert script.main([f"x={tmp_path}/empty"]) == 2
+    assert "no TensorBoard log" in capsys.readouterr().err
+    assert script.main([f"x={tmp_path}/empty", "--window", "0"]) == 2
