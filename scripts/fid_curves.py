@@ -9,37 +9,26 @@ Each positional argument is LABEL=GLOB; the runs a glob matches are that variant
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 from pathlib import Path
 
 from n2ce_distill.benchmarks.distill import fid_log_report
-
-
-def _pair(text: str) -> tuple[str, str]:
-    label, sep, value = text.rpartition("=")  # labels may hold "=" (M=50), globs and numbers do not
-    if not sep or not label or not value:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=VALUE")
-    return label, value
+from n2ce_distill.benchmarks.report import label_pair, print_report, run_groups
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("groups", nargs="+", type=_pair, help="LABEL=GLOB of run folders (one per seed)")
-    parser.add_argument("--baseline", action="append", type=_pair, default=[], help="LABEL=FID reference line")
+    parser.add_argument("groups", nargs="+", type=label_pair, help="LABEL=GLOB of run folders (one per seed)")
+    parser.add_argument("--baseline", action="append", type=label_pair, default=[], help="LABEL=FID reference line")
     parser.add_argument("--reach", type=float, help="report the first iteration whose seed-mean FID is at most this")
     parser.add_argument("--max-step", type=int, help="ignore later entries (compare at equal iterations)")
     parser.add_argument("--title", default="fid curves")
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args(argv)
-    groups = {label: sorted(Path(p) for p in glob.glob(pattern)) for label, pattern in args.groups}
-    try:
-        baselines = {label: float(value) for label, value in args.baseline}
-        print(fid_log_report(groups, Path(args.out), args.title, baselines, args.reach, args.max_step))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    groups = run_groups(args.groups)
+    return print_report(lambda: fid_log_report(groups, Path(args.out), args.title,
+                                               {label: float(value) for label, value in args.baseline},
+                                               args.reach, args.max_step))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ seed means of the RMS logit, the logit gap and the two accuracies (docs/REGIMES.
 from __future__ import annotations
 
 import argparse
-import glob
 import statistics
 import sys
 from pathlib import Path
 
-from n2ce_distill.benchmarks.report import markdown_table
+from n2ce_distill.benchmarks.report import label_pair, markdown_table, print_report, run_groups
 from n2ce_distill.diagnostics import REGIMES
 
 FIELDS = ("regime", "logit_rms", "logit_gap", "acc_data", "acc_noise")
@@ -60,28 +59,16 @@ def regime_table(groups: dict[str, list[Path]], window: int) -> str:
     return markdown_table(headers, rows)
 
 
-def _pair(text: str) -> tuple[str, str]:
-    label, sep, value = text.rpartition("=")  # labels may hold "=" (M=50), globs do not
-    if not sep or not label or not value:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=GLOB")
-    return label, value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("groups", nargs="+", type=_pair, help="LABEL=GLOB of run folders (one per seed)")
+    parser.add_argument("groups", nargs="+", type=label_pair, help="LABEL=GLOB of run folders (one per seed)")
     parser.add_argument("--window", type=int, default=100, help="iterations per row (default 100)")
     args = parser.parse_args(argv)
     if args.window < 1:
         print("error: --window must be >= 1", file=sys.stderr)
         return 2
-    groups = {label: sorted(Path(p) for p in glob.glob(pattern)) for label, pattern in args.groups}
-    try:
-        print(regime_table(groups, args.window))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    groups = run_groups(args.groups)
+    return print_report(lambda: regime_table(groups, args.window))
 
 
 if __name__ == "__main__":

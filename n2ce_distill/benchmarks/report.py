@@ -6,15 +6,19 @@ global plotting state or need a display backend.
 
 from __future__ import annotations
 
+import argparse
+import glob
 import math
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from matplotlib.figure import Figure
 
-__all__ = ["markdown_table", "fmt", "new_figure", "save_figure", "single_thread"]
+__all__ = ["markdown_table", "fmt", "new_figure", "save_figure", "single_thread", "label_pair", "run_groups",
+           "print_report"]
 
 
 @contextmanager
@@ -71,3 +75,29 @@ def save_figure(fig: Figure, out: Path, name: str) -> Path:
     path = out / name
     fig.savefig(path, dpi=120)
     return path
+
+
+def label_pair(text: str) -> tuple[str, str]:
+    """``"LABEL=VALUE"`` -> ``(LABEL, VALUE)`` for command-line arguments (an argparse ``type``).
+
+    Split at the last ``=``: labels may hold one (``M=50``), the globs and numbers after it do not.
+    """
+    label, sep, value = text.rpartition("=")
+    if not sep or not label or not value:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=VALUE")
+    return label, value
+
+
+def run_groups(pairs: Sequence[tuple[str, str]]) -> dict[str, list[Path]]:
+    """``[(LABEL, GLOB), ...]`` -> ``{LABEL: sorted run folders}`` (each folder one seed of the variant)."""
+    return {label: sorted(Path(p) for p in glob.glob(pattern)) for label, pattern in pairs}
+
+
+def print_report(make: Callable[[], str]) -> int:
+    """Print ``make()`` and return 0; a ValueError or FileNotFoundError is one line on stderr and 2."""
+    try:
+        print(make())
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
