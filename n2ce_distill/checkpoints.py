@@ -21,7 +21,10 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CheckpointError",
+    "RUN_ARTEFACTS",
     "atomic_write_dir",
+    "remove_run",
+    "run_artefacts",
     "list_checkpoints",
     "load_module",
     "read_json",
@@ -32,6 +35,10 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# what a training run writes into its folder (anything else there is the user's and is never touched; the
+# run's recipe.yaml is rewritten at every start and may be the user's own recipe, so it is not listed)
+RUN_ARTEFACTS = ("checkpoint-*", ".tmp-checkpoint-*", "pipeline", ".tmp-pipeline", "best", ".tmp-best", "samples",
+                 "logs", "fid.jsonl")
 
 
 class CheckpointError(RuntimeError):
@@ -52,6 +59,18 @@ def atomic_write_dir(target: Path, write: Callable[[Path], None]) -> Path:
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def run_artefacts(run_dir: Path) -> list[Path]:
+    """The files and folders of an earlier run in ``run_dir`` (empty for a new or unrelated folder)."""
+    run_dir = Path(run_dir)
+    return sorted(path for pattern in RUN_ARTEFACTS for path in run_dir.glob(pattern))
+
+
+def remove_run(run_dir: Path) -> None:
+    """Delete an earlier run's artefacts (:data:`RUN_ARTEFACTS`) from ``run_dir``, nothing else."""
+    for path in run_artefacts(run_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -76,7 +95,7 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], tot
     """Write ``checkpoint-<step>`` atomically on every process, then prune the oldest beyond ``total_limit``.
 
     ``write`` runs on every process (Accelerate's ``save_state`` needs all of them); only the main
-    process renames and prunes. The newest complete checkpoint is never pruned.
+    process renames and prunes. The checkpoint just written is never pruned.
     """
     run_dir = Path(run_dir)
     target = run_dir / f"checkpoint-{step}"
@@ -92,7 +111,9 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], tot
             shutil.rmtree(target)
         tmp.rename(target)
         if total_limit is not None:
-            for _, old in list_checkpoints(run_dir)[: -max(total_limit, 1)]:
+            # the checkpoint just written always stays, whatever the steps of the others
+            others = [path for _, path in list_checkpoints(run_dir) if path != target]
+            for old in others[: max(len(others) - (max(total_limit, 1) - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target

@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     output_dir = Path(args.output_dir or Path("runs") / Path(args.recipe).stem)
-    trainer = Trainer(recipe, output_dir, resume=args.resume)
+    trainer = Trainer(recipe, output_dir, resume=args.resume, overwrite=args.overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     try:
@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. critic.objective=nce")
     train.add_argument("--output-dir")
     train.add_argument("--resume", help="'latest' or a checkpoint folder")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete an earlier run in --output-dir and start over (without it such a folder is refused)")
     train.set_defaults(run=_train)
 
     sample = sub.add_parser("sample", help="draw samples from an exported pipeline")

@@ -41,11 +41,30 @@ class _SkipStep(Exception):
     pass
 
 
-class Trainer:
-    """Train ``recipe`` into ``output_dir``; ``resume="latest"`` continues from the newest checkpoint."""
+# recipe keys a checkpoint's networks, optimiser state and data stream were built for: a resume that changes
+# one is refused (learning rates, EMA, schedule and evaluation keys may change and take effect)
+FIXED_ON_RESUME = ("method.name", "method.num_steps", "method.share_value", "method.adversarial", "method.net",
+                   "data", "critic.objective", "critic.channels", "critic.num_res_blocks", "critic.hidden_features",
+                   "critic.num_layers", "train.batch_size", "train.gradient_accumulation_steps")
 
-    def __init__(self, recipe: RecipeConfig, output_dir: str | Path, resume: str | None = None):
+
+class Trainer:
+    """Train ``recipe`` into ``output_dir``; ``resume="latest"`` continues from the newest checkpoint.
+
+    A folder that already holds a run is refused unless ``resume`` continues it or ``overwrite`` deletes it
+    (its :data:`~n2ce_distill.checkpoints.RUN_ARTEFACTS` only, once everything else has been validated).
+    """
+
+    def __init__(self, recipe: RecipeConfig, output_dir: str | Path, resume: str | None = None,
+                 overwrite: bool = False):
         self.recipe, self.output_dir = recipe, Path(output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"--output-dir {str(self.output_dir)!r}: exists and is not a folder")
+        earlier = checkpoints.run_artefacts(self.output_dir)
+        if earlier and not resume and not overwrite:
+            names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise ValueError(f"--output-dir {str(self.output_dir)!r} already holds a run ({names}): pass --resume "
+                             "latest to continue it or --overwrite to start over")
         train = recipe.train
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
@@ -74,6 +93,10 @@ class Trainer:
         self.regimes, self._regime = RegimeMonitor(), None
         if resume:
             self._resume(resume)
+        elif overwrite and earlier and self.accelerator.is_main_process:
+            checkpoints.remove_run(self.output_dir)
+            self._say(f"removed the earlier run in {self.output_dir} (--overwrite)")
+        self.accelerator.wait_for_everyone()
 
     def _prepare(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
         acc = self.accelerator
@@ -140,7 +163,7 @@ class Trainer:
         self._bar.close()
         final = self.output_dir / "pipeline"
         if acc.is_main_process:
-            self.method.export(self.ema.ema_model, final)
+            checkpoints.atomic_write_dir(final, lambda tmp: self.method.export(self.ema.ema_model, tmp))
         acc.wait_for_everyone()
         acc.end_training()
         return final
@@ -214,6 +237,7 @@ class Trainer:
             "best_fid": self.best_fid,
             "loader": self.loader.state_dict(),
             "method": self.method.extra_state(),
+            "recipe": self.recipe.model_dump(mode="json"),
         }
 
     def save_checkpoint(self) -> Path:
@@ -227,21 +251,44 @@ class Trainer:
                 self.method.export(self.ema.ema_model, tmp / "pipeline")
 
         path = checkpoints.save_checkpoint(self.output_dir, self.step, write, self.recipe.train.checkpoint_total_limit, acc)
+        self._say(f"saved {path.name}")
         return path
 
     def _resume(self, which: str) -> None:
         path = checkpoints.resolve(self.output_dir, which)
         if path is None:
-            log.info("no checkpoint in %s; starting from scratch", self.output_dir)
+            self._say(f"no checkpoint found in {self.output_dir}: starting fresh")
             return
         checkpoints.verify(path)
-        self.accelerator.load_state(str(path))
-        checkpoints.load_module(self.ema, path / "ema.safetensors")
         state = checkpoints.read_json(path / "trainer_state.json")
+        _check_fixed_keys(state.get("recipe"), self.recipe.model_dump(mode="json"), path)
+        # load_state restores the saved learning rates; the recipe's are the ones to train with
+        recipe_lrs = {name: [group["lr"] for group in opt.param_groups] for name, opt in self.optimizers.items()}
+        self.accelerator.load_state(str(path))
+        for name, opt in self.optimizers.items():
+            for index, (group, lr) in enumerate(zip(opt.param_groups, recipe_lrs[name])):
+                if group["lr"] != lr:
+                    self._say(f"{name} optimiser, parameter group {index}: learning rate {group['lr']:g} in the "
+                              f"checkpoint, {lr:g} from the recipe (used)")
+                group["lr"] = lr
+        checkpoints.load_module(self.ema, path / "ema.safetensors")
         self.step, self.skipped_steps, self.best_fid = state["step"], state["skipped_steps"], state["best_fid"]
         self.loader.load_state_dict(state["loader"])
         self.method.load_extra_state(state["method"])
-        log.info("resumed from %s at step %d", path, self.step)
+        self._say(f"resumed from {path.name} (step {self.step})")
+
+
+def _check_fixed_keys(saved: dict | None, current: dict, path: Path) -> None:
+    """Refuse a resume whose recipe changes a key in :data:`FIXED_ON_RESUME` (checkpoints written before
+    recipes were stored in them are not checked)."""
+    if saved is None:
+        return
+    saved, current = _flat(saved), _flat(current)
+    for key in sorted(set(saved) | set(current)):
+        if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_ON_RESUME):
+            if saved.get(key) != current.get(key):
+                raise ValueError(f"{key}: cannot change on resume (checkpoint {path.name} has "
+                                 f"{saved.get(key)!r}, the recipe {current.get(key)!r})")
 
 
 def dataset_from_config(cfg: DataConfig, seed: int):

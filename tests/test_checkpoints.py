@@ -9,7 +9,9 @@ from n2ce_distill.checkpoints import (
     list_checkpoints,
     load_module,
     read_json,
+    remove_run,
     resolve,
+    run_artefacts,
     save_checkpoint,
     save_module,
 )
@@ -36,6 +38,27 @@ def test_save_prunes_oldest_and_keeps_newest(tmp_path):
     assert resolve(tmp_path, "latest").name == "checkpoint-40"
     save_checkpoint(tmp_path, 50, _write({"step": 50}), total_limit=1, accelerator=_SingleProcess())
     assert [s for s, _ in list_checkpoints(tmp_path)] == [50]
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    """A lower step than the checkpoints already there (a run restarted at step 0) is kept; the oldest go."""
+    for step in (500, 600):
+        save_checkpoint(tmp_path, step, _write({"step": step}), total_limit=5, accelerator=_SingleProcess())
+    save_checkpoint(tmp_path, 1, _write({"step": 1}), total_limit=2, accelerator=_SingleProcess())
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 600]
+    save_checkpoint(tmp_path, 2, _write({"step": 2}), total_limit=1, accelerator=_SingleProcess())
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
+
+
+def test_run_artefacts_and_remove_run_touch_only_what_a_run_writes(tmp_path):
+    for name in ("checkpoint-3", "pipeline", "samples", "logs", "mine"):
+        (tmp_path / name).mkdir()
+    for name in ("fid.jsonl", "recipe.yaml", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in run_artefacts(tmp_path)] == ["checkpoint-3", "fid.jsonl", "logs", "pipeline", "samples"]
+    remove_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt", "recipe.yaml"]
+    assert run_artefacts(tmp_path) == [] and run_artefacts(tmp_path / "absent") == []
 
 
 def test_a_crash_during_save_leaves_previous_checkpoints_intact(tmp_path):

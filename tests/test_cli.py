@@ -68,6 +68,19 @@ def test_train_sample_fid_round_trip(dxmi_recipe, tmp_path, capsys):
     assert (fid_out / "fid.csv").is_file() and (fid_out / "fid.png").is_file()
 
 
+def test_train_into_an_earlier_run_needs_resume_or_overwrite(dxmi_recipe, tmp_path, capsys):
+    run, args = tmp_path / "run", ["train", str(dxmi_recipe), "train.max_steps=1", *TINY]
+    assert main([*args, "--output-dir", str(run)]) == 0
+    written = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    capsys.readouterr()
+    assert main([*args, "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already holds a run" in err and "--overwrite" in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == written  # nothing rewritten, nothing lost
+    assert main([*args, "--output-dir", str(run), "--overwrite"]) == 0
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
 def test_fid_input_errors(tmp_path, capsys):
     assert main(["fid", str(tmp_path / "missing"), "--ref", "digits", "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -182,3 +182,38 @@ def test_critic_regime_is_logged_and_said_once(dxmi_recipe, tmp_path, monkeypatc
     assert {"critic/acc_data", "critic/logit_gap", "critic/logit_rms", "critic/capped_noise", "critic/regime"} <= set(logged)
     assert len(logged["critic/regime"]) == 12
     assert set(logged["critic/regime"]) == {float(["linear", "informative", "chasm"].index(regime))}
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(dxmi_recipe, tmp_path, capsys):
+    recipe = load_recipe(dxmi_recipe, ["train.max_steps=2", "train.checkpoint_every=1", *TINY])
+    Trainer(recipe, tmp_path / "run").train()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-1, checkpoint-2, logs, \.\.\.\): pass --resume"):
+        Trainer(recipe, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before  # refused before anything changed
+    Trainer(recipe, tmp_path / "run", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]  # only the run's own artefacts go
+    assert "removed the earlier run" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        Trainer(recipe, tmp_path / "file")
+
+
+def test_resume_takes_new_learning_rates_and_refuses_fixed_keys(dxmi_recipe, tmp_path, capsys):
+    first = load_recipe(dxmi_recipe, ["train.max_steps=1", "train.checkpoint_every=1", *TINY])
+    Trainer(first, tmp_path).train()
+    faster = load_recipe(dxmi_recipe, ["train.max_steps=2", "critic.lr=3e-3", "method.log_scale_lr=7e-4", *TINY])
+    trainer = Trainer(faster, tmp_path, resume="latest")
+    err = capsys.readouterr().err
+    assert "resumed from checkpoint-1 (step 1)" in err
+    assert "critic optimiser, parameter group 0: learning rate 1e-05 in the checkpoint, 0.003 from the recipe" in err
+    assert [g["lr"] for g in trainer.optimizers["critic"].param_groups] == [3e-3]
+    assert [g["lr"] for g in trainer.optimizers["sampler"].param_groups] == [faster.train.lr, 7e-4]
+    for override, key in [("train.batch_size=4", "train.batch_size"), ("critic.objective=nce", "critic.objective"),
+                          ("method.num_steps=3", "method.num_steps")]:
+        changed = load_recipe(dxmi_recipe, ["train.max_steps=2", *TINY, override])
+        with pytest.raises(ValueError, match=rf"^{key}: cannot change on resume \(checkpoint checkpoint-1 has"):
+            Trainer(changed, tmp_path, resume="latest")
+    Trainer(first, tmp_path / "empty", resume="latest")
+    assert "no checkpoint found in" in capsys.readouterr().err
