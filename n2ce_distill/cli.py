@@ -63,14 +63,28 @@ def _fid(args: argparse.Namespace) -> None:
     print(table)
 
 
+# the benchmark registry's names, listed here so that --help does not import the benchmarks (checked by a test)
+_BENCHMARK_NAMES = ("chasm", "mle_gradient", "u_curve", "overhead", "gauss_distill", "dxmi_toy", "dxmi_digits",
+                    "sid_digits")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from .benchmarks import BENCHMARKS
 
-    if args.name not in BENCHMARKS:
+    name = args.name.replace("-", "_")  # mle-gradient and mle_gradient both work
+    if name not in BENCHMARKS:
         raise ValueError(f"bench: unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(BENCHMARKS[args.name](quick=args.quick, out=out))
+    print(BENCHMARKS[name](quick=args.quick, out=out))
+
+
+def _config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import load_recipe
+
+    print(yaml.safe_dump(load_recipe(args.recipe, args.overrides).model_dump(mode="json"), sort_keys=False), end="")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -79,47 +93,85 @@ def _demo(args: argparse.Namespace) -> None:
     print(run_demo(Path(args.out), quick=args.quick))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="n2ce-distill", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
-    train = sub.add_parser("train", help="train a recipe (teacher, dxmi or sid)")
-    train.add_argument("recipe")
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("n2ce-distill")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown (not installed)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (naming the argument) and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the empty ones (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="n2ce-distill", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    command = lambda name, text: sub.add_parser(  # noqa: E731
+        name, help=text, description=text, formatter_class=_Help)
+
+    train = command("train", "train a recipe (teacher, dxmi or sid)")
+    train.add_argument("recipe", help="YAML recipe (recipes/*.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. critic.objective=nce")
-    train.add_argument("--output-dir")
+    train.add_argument("--output-dir", help="run folder (default: runs/<recipe name>)")
     train.add_argument("--resume", help="'latest' or a checkpoint folder")
     train.add_argument("--overwrite", action="store_true",
                        help="delete an earlier run in --output-dir and start over (without it such a folder is refused)")
     train.set_defaults(run=_train)
 
-    sample = sub.add_parser("sample", help="draw samples from an exported pipeline")
-    sample.add_argument("pipeline")
-    sample.add_argument("--num-samples", type=int, default=64)
-    sample.add_argument("--batch-size", type=int, default=256)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", required=True)
+    config = command("config", "print the resolved recipe (defaults filled in, overrides applied) as YAML")
+    config.add_argument("recipe", help="YAML recipe")
+    config.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    config.set_defaults(run=_config)
+
+    sample = command("sample", "draw samples from an exported pipeline")
+    sample.add_argument("pipeline", help="exported pipeline folder")
+    sample.add_argument("--num-samples", type=_positive, default=64, help="how many samples")
+    sample.add_argument("--batch-size", type=_positive, default=256, help="samples per call")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    sample.add_argument("--out", required=True, help="output folder (samples.pt and grid.png)")
     sample.set_defaults(run=_sample)
 
-    fid = sub.add_parser("fid", help="FID of runs, pipelines, teachers (PATH@STEPS) or image folders")
-    fid.add_argument("inputs", nargs="+")
+    fid = command("fid", "FID of runs, pipelines, teachers (PATH@STEPS) or image folders")
+    fid.add_argument("inputs", nargs="+", help="run folders, pipeline folders, TEACHER@STEPS[:euler] or image folders")
     fid.add_argument("--ref", required=True, help="digits | cifar10-train | image folder | .npz statistics")
-    fid.add_argument("--num-samples", type=int, default=10_000)
-    fid.add_argument("--batch-size", type=int, default=500)
-    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--num-samples", type=_positive, default=10_000, help="samples per input")
+    fid.add_argument("--batch-size", type=_positive, default=500, help="samples per batch")
+    fid.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     fid.add_argument("--inception-weights", help="local weights for inception-v3-compat (no download)")
-    fid.add_argument("--kid", action="store_true")
-    fid.add_argument("--prc", action="store_true", help="precision / recall")
-    fid.add_argument("--out", default="fid-output")
+    fid.add_argument("--kid", action="store_true", help="also kernel inception distance")
+    fid.add_argument("--prc", action="store_true", help="also precision / recall")
+    fid.add_argument("--out", default="fid-output", help="folder for fid.csv, fid.json and fid.png")
     fid.set_defaults(run=_fid)
 
-    bench = sub.add_parser("bench", help="benchmarks: chasm, mle_gradient, u_curve, overhead, gauss_distill, dxmi_toy, dxmi_digits, sid_digits")
-    bench.add_argument("name")
-    bench.add_argument("--quick", action="store_true")
-    bench.add_argument("--out", default="benchmarks")
+    bench = command("bench", "run a benchmark: " + ", ".join(_BENCHMARK_NAMES) + " (hyphens work too)")
+    bench.add_argument("name", help="benchmark name")
+    bench.add_argument("--quick", action="store_true", help="a small version that runs in a minute or two")
+    bench.add_argument("--out", default="benchmarks", help="folder for the plots")
     bench.set_defaults(run=_bench)
 
-    demo = sub.add_parser("demo", help="distil the shipped digits teacher into a 4-step sampler and report FID")
-    demo.add_argument("--out", default="demo-output")
+    demo = command("demo", "distil the shipped digits teacher into a 4-step sampler and report FID")
+    demo.add_argument("--out", default="demo-output", help="output folder")
     demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     demo.set_defaults(run=_demo)
     return parser

@@ -90,7 +90,8 @@ class Trainer:
             raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by {world} processes")
         self.loader = infinite_loader(self.dataset, train.batch_size, recipe.seed)
         self.step, self.skipped_steps, self.best_fid = 0, 0, math.inf
-        self.regimes, self._regime = RegimeMonitor(), None
+        self.regimes, self._regime, self._fid_label = RegimeMonitor(), None, None
+        self._grad_norms: dict[str, torch.Tensor] = {}
         if resume:
             self._resume(resume)
         elif overwrite and earlier and self.accelerator.is_main_process:
@@ -121,6 +122,7 @@ class Trainer:
         params = [p for p in owned if p.grad is not None]
         if self.accelerator.sync_gradients:
             norm = self.accelerator.clip_grad_norm_(params, clip or self.recipe.train.grad_clip)
+            self._grad_norms[term] = norm.detach()  # before clipping; logged at the logging steps
             # under fp16 loss scaling an overflow is routine (the first steps at the initial scale): the
             # scaler skips this step and lowers its scale (seen on an H200: every fp16 run stopped at step 0)
             if not torch.isfinite(norm) and self.accelerator.scaler is None:
@@ -173,12 +175,17 @@ class Trainer:
         logs = {k: float(v) for k, v in output.scalars.items()}
         if step % train.log_every == 0 or step == train.max_steps:
             logs["skipped_steps"] = self.skipped_steps
+            logs |= {f"grad_norm/{term}": float(norm) for term, norm in self._grad_norms.items()}
+            for name, opt in self.optimizers.items():
+                groups = opt.param_groups
+                logs |= {f"lr/{name}" + (f"/{i}" if len(groups) > 1 else ""): g["lr"] for i, g in enumerate(groups)}
             if output.critic_logits is not None:
                 logs |= self._critic_logs(*output.critic_logits)
             self.accelerator.log(logs, step=step)
         if logs:
             postfix = {k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")}
-            self._bar.set_postfix(postfix | ({"regime": self._regime} if self._regime else {}), refresh=False)
+            postfix |= {k: v for k, v in (("regime", self._regime), ("fid", self._fid_label)) if v}
+            self._bar.set_postfix(postfix, refresh=False)
         if step % train.sample_every == 0 or step == train.max_steps:
             self._save_samples()
         fid_every = self.recipe.eval.fid_every
@@ -206,8 +213,12 @@ class Trainer:
             return self.method.generate(self.ema.ema_model, count, generator).cpu()
 
     def _save_samples(self) -> None:
-        if self.accelerator.is_main_process:
-            save_samples(self._samples(64, self.recipe.seed), self.output_dir / "samples" / f"step-{self.step:07d}.png")
+        if not self.accelerator.is_main_process:
+            return
+        picture = save_samples(self._samples(64, self.recipe.seed), self.output_dir / "samples" / f"step-{self.step:07d}.png")
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"samples": picture[None]}, step=self.step)
 
     def _evaluate_fid(self) -> None:
         from .fid import evaluate_samples  # torch-fidelity is heavy; import only when the hook is on
@@ -225,9 +236,13 @@ class Trainer:
         self.accelerator.log({"fid": metrics["fid"]}, step=self.step)
         with (self.output_dir / "fid.jsonl").open("a") as handle:
             handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        if metrics["fid"] < self.best_fid:
+        improved = metrics["fid"] < self.best_fid
+        if improved:
             self.best_fid = metrics["fid"]
             checkpoints.atomic_write_dir(self.output_dir / "best", lambda tmp: self.method.export(self.ema.ema_model, tmp))
+        self._fid_label = f"{metrics['fid']:.3g}"
+        self._say(f"step {self.step}: FID {metrics['fid']:.4g} on {metrics['num_samples']} samples "
+                  f"(best {self.best_fid:.4g}{', exported to best/' if improved else ''})")
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:

@@ -97,3 +97,35 @@ def test_bench_unknown_name(capsys):
 def test_console_script_help_runs():
     result = subprocess.run([sys.executable, "-m", "n2ce_distill.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "fid" in result.stdout
+
+
+def test_usage_errors_are_one_line_exit_2(capsys):
+    for argv in (["sample", "x", "--out", "y", "--batch-size", "0"], ["sample", "x", "--out", "y", "--num-samples", "-3"],
+                 ["fid", "x", "--ref", "digits", "--num-samples", "0"], ["nope"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error:" in err, argv
+
+
+def test_version_and_resolved_config(dxmi_recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("n2ce-distill ")
+    assert main(["config", str(dxmi_recipe), "critic.objective=nce", "train.lr=3e-5"]) == 0
+    import yaml
+
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["critic"]["objective"] == "nce" and resolved["train"]["lr"] == 3e-5
+    assert resolved["method"]["tau1"] == 0.1  # defaults filled in
+    assert main(["config", str(dxmi_recipe), "critic.objectiv=nce"]) == 2
+
+
+def test_benchmark_names_match_the_registry_and_take_hyphens(capsys):
+    from n2ce_distill.benchmarks import BENCHMARKS
+    from n2ce_distill.cli import _BENCHMARK_NAMES
+
+    assert sorted(_BENCHMARK_NAMES) == sorted(BENCHMARKS)
+    assert main(["bench", "mle-gradient-nope", "--quick"]) == 2
+    assert "unknown benchmark 'mle-gradient-nope'" in capsys.readouterr().err

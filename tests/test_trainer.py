@@ -180,6 +180,10 @@ def test_critic_regime_is_logged_and_said_once(dxmi_recipe, tmp_path, monkeypatc
     events.Reload()
     logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("critic/")}
     assert {"critic/acc_data", "critic/logit_gap", "critic/logit_rms", "critic/capped_noise", "critic/regime"} <= set(logged)
+    others = set(events.Tags()["scalars"])
+    assert {"grad_norm/critic", "grad_norm/sampler", "grad_norm/value", "lr/critic", "lr/sampler/0", "lr/sampler/1"} <= others
+    assert [e.value for e in events.Scalars("lr/critic")][-1] == pytest.approx(recipe.critic.lr)
+    assert events.Tags()["images"] == ["samples"]  # the final step's grid
     assert len(logged["critic/regime"]) == 12
     assert set(logged["critic/regime"]) == {float(["linear", "informative", "chasm"].index(regime))}
 
