@@ -106,7 +106,7 @@ def test_reference_statistics_are_cached_and_reused(monkeypatch, tmp_path):
     kw = dict(num_samples=200, cache_dir=tmp_path)
     first = evaluate_samples(noise_source, "digits", **kw)
     assert loads == ["digits"]
-    assert len(list(tmp_path.glob("digits-*-digits-stat-fid-digits-features.pt"))) == 1
+    assert len(list(tmp_path.glob("digits-*-features.npz"))) == 1 and not list(tmp_path.glob("*.pt"))
     second = evaluate_samples(noise_source, "digits", **kw)
     assert loads == ["digits"] and second["fid"] == first["fid"]
     # KID / precision-recall need reference features: cached by the first call as well
@@ -217,4 +217,38 @@ def test_inception_path_with_local_random_weights(tmp_path):
 
     out = evaluate_samples(rgb_source, ref, num_samples=3, batch_size=3, inception_weights=weights, cache_dir=tmp_path)
     assert out["extractor"] == "inception-v3-compat" and np.isfinite(out["fid"]) and out["fid"] >= -1e-6
-    assert len(list(tmp_path.glob("folder-*-inception-v3-compat-stat-fid-2048.pt"))) == 1
+    assert len(list(tmp_path.glob("folder-*-features.npz"))) == 1
+
+
+class _Marker:
+    """Unpickling this object creates a file: the proof that a loader executed a pickle."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __reduce__(self):
+        return Path.touch, (self.path,)
+
+
+def test_crafted_pickles_are_never_executed(tmp_path, cache, monkeypatch):
+    """A pickle passed as extractor weights is refused; pickles planted where torch-fidelity would cache
+    statistics (its default folder, and ours) are never read."""
+    marker = tmp_path / "executed"
+    evil = tmp_path / "evil.pth"
+    torch.save({"conv.weight": torch.zeros(1), "payload": _Marker(marker)}, evil)
+    with pytest.raises(ValueError, match=r"evil.pth'?: not a tensors-only state dict"):
+        evaluate_samples(noise_source, "digits", num_samples=10, extractor="inception-v3-compat",
+                         inception_weights=evil, cache_dir=cache)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="a folder; pass the weights file itself"):
+        evaluate_samples(noise_source, "digits", num_samples=10, extractor="inception-v3-compat",
+                         inception_weights=tmp_path, cache_dir=cache)
+    planted_cache = tmp_path / "planted"
+    fidelity_default = Path(torch.hub.get_dir()).parent / "fidelity_cache"
+    for folder in (planted_cache, fidelity_default):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("digits-x-digits-stat-fid-digits-features.pt", "weights-x.pt", "input2-digits-features.pt"):
+            torch.save(_Marker(marker), folder / name)
+    for kw in ({"cache_dir": planted_cache}, {}):
+        evaluate_samples(noise_source, "digits", num_samples=50, kid=True, prc=True, **kw)
+    assert not marker.exists()
