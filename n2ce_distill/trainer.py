@@ -255,8 +255,24 @@ class Trainer:
             "recipe": self.recipe.model_dump(mode="json"),
         }
 
+    def _unsound_state(self) -> str | None:
+        """Why the current state must not become a checkpoint (non-finite weights, or an EMA model that
+        samples non-finite values), or ``None``: the checkpoint kept after a failure must load and sample."""
+        models = {**self.method.nets, f"EMA {self.method.ema_name}": self.ema.ema_model}
+        for name, model in models.items():
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                return f"non-finite weights in {name}"
+        if not torch.isfinite(self._samples(8, self.recipe.seed)).all():
+            return f"the EMA {self.method.ema_name} samples non-finite values"
+        return None
+
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
+        unsound = self._unsound_state()
+        if unsound:
+            kept = checkpoints.list_checkpoints(self.output_dir)
+            last = f"{kept[-1][1].name} is" if kept else "no earlier checkpoint was"
+            raise NonFiniteError(f"step {self.step}: {unsound}; not saved, {last} kept")
 
         def write(tmp: Path) -> None:
             acc.save_state(str(tmp), safe_serialization=True)

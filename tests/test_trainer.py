@@ -221,3 +221,31 @@ def test_resume_takes_new_learning_rates_and_refuses_fixed_keys(dxmi_recipe, tmp
             Trainer(changed, tmp_path, resume="latest")
     Trainer(first, tmp_path / "empty", resume="latest")
     assert "no checkpoint found in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("poison, culprit", [
+    (lambda m: m.nets["critic"].out.weight, "non-finite weights in critic"),
+    # finite but huge: every loss and gradient check passes, yet the student samples inf/NaN
+    (lambda m: next(m.nets["sampler"].denoiser.parameters()), "samples non-finite values"),
+])
+def test_a_checkpoint_is_never_written_from_unsound_weights(dxmi_recipe, tmp_path, monkeypatch, poison, culprit):
+    from n2ce_distill.pipelines import load_sample_source
+
+    recipe = load_recipe(dxmi_recipe, ["train.max_steps=3", "train.checkpoint_every=1", *TINY])
+    trainer = Trainer(recipe, tmp_path)
+    original = trainer.method.training_step
+
+    def poisoning(batch, step, update):
+        output = original(batch, step, update)
+        if step == 1:  # after the step's updates, before its checkpoint
+            with torch.no_grad():
+                poison(trainer.method).fill_(float("nan") if "weights" in culprit else 1e30)
+            trainer.ema.ema_model.load_state_dict(trainer.method.nets["sampler"].state_dict())
+        return output
+
+    monkeypatch.setattr(trainer.method, "training_step", poisoning)
+    with pytest.raises(NonFiniteError, match=rf"step 2: .*{culprit}; not saved, checkpoint-1 is kept"):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
+    samples = load_sample_source(str(tmp_path / "checkpoint-1" / "pipeline"))(4, torch.Generator().manual_seed(0))
+    assert torch.isfinite(samples).all()  # the kept checkpoint loads and samples
