@@ -34,12 +34,15 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    import numpy as np
     import torch
+    from PIL import Image
 
-    from .pipelines import load_sample_source
+    from .evaluation import resolve_source
+    from .fid_inputs import to_uint8
     from .visualize import save_samples
 
-    source = load_sample_source(args.pipeline)
+    _, source = resolve_source(args.source)
     generator = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
     chunks, remaining = [], args.num_samples
@@ -48,9 +51,17 @@ def _sample(args: argparse.Namespace) -> None:
         remaining -= len(chunks[-1])
     samples = torch.cat(chunks)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(samples, out / "samples.pt")
     save_samples(samples[:256], out / "grid.png")
-    print(f"wrote {len(samples)} samples to {out / 'samples.pt'} and a grid to {out / 'grid.png'}")
+    if samples.dim() == 2:  # 2-D points: an array file, no pickle
+        np.save(out / "samples.npy", samples.numpy(), allow_pickle=False)
+        print(f"wrote {len(samples)} points to {out / 'samples.npy'} and a scatter plot to {out / 'grid.png'}")
+        return
+    images = out / "images"  # a folder `n2ce-distill fid` reads as it is
+    images.mkdir(exist_ok=True)
+    for index, image in enumerate(to_uint8(samples, rgb=False)):
+        array = image.permute(1, 2, 0).numpy()
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(images / f"{index:06d}.png")
+    print(f"wrote {len(samples)} images to {images} and a grid to {out / 'grid.png'}")
 
 
 def _fid(args: argparse.Namespace) -> None:
@@ -58,7 +69,7 @@ def _fid(args: argparse.Namespace) -> None:
 
     table = evaluate_inputs(
         args.inputs, args.ref, num_samples=args.num_samples, out=Path(args.out), batch_size=args.batch_size,
-        seed=args.seed, inception_weights=args.inception_weights, kid=args.kid, prc=args.prc,
+        seed=args.seed, extractor=args.extractor, inception_weights=args.inception_weights, kid=args.kid, prc=args.prc,
     )
     print(table)
 
@@ -144,18 +155,21 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     config.set_defaults(run=_config)
 
-    sample = command("sample", "draw samples from an exported pipeline")
-    sample.add_argument("pipeline", help="exported pipeline folder")
+    sample = command("sample", "draw samples from an exported pipeline, a run or a teacher (PATH@STEPS)")
+    sample.add_argument("source", help="pipeline folder, run folder (its final pipeline/) or TEACHER@STEPS[:euler]")
     sample.add_argument("--num-samples", type=_positive, default=64, help="how many samples")
     sample.add_argument("--batch-size", type=_positive, default=256, help="samples per call")
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
-    sample.add_argument("--out", required=True, help="output folder (samples.pt and grid.png)")
+    sample.add_argument("--out", required=True, help="output folder: images/ (PNG, readable by fid) and grid.png")
     sample.set_defaults(run=_sample)
 
     fid = command("fid", "FID of runs, pipelines, teachers (PATH@STEPS) or image folders")
     fid.add_argument("inputs", nargs="+", help="run folders, pipeline folders, TEACHER@STEPS[:euler] or image folders")
     fid.add_argument("--ref", required=True, help="digits | cifar10-train | image folder | .npz statistics")
-    fid.add_argument("--num-samples", type=_positive, default=10_000, help="samples per input")
+    fid.add_argument("--num-samples", type=_positive,
+                     help="samples per input (default: 10000 from samplers, every image of a folder)")
+    fid.add_argument("--extractor", choices=("auto", "digits", "inception-v3-compat"),
+                     help="feature extractor (default: the one --ref implies; auto: from the samples' shape)")
     fid.add_argument("--batch-size", type=_positive, default=500, help="samples per batch")
     fid.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     fid.add_argument("--inception-weights", help="local weights for inception-v3-compat (no download)")

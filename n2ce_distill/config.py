@@ -8,6 +8,7 @@ typos). Command-line overrides use dotted keys, ``critic.objective=nce``.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -40,6 +41,8 @@ class _Strict(BaseModel):
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Adam moves each parameter by about the learning rate per step: above 1 no recipe means it (1e38 passed once)
+LearningRate = Annotated[float, Field(gt=0, le=1)]
 
 
 _NAMES_KEY = re.compile(r"^[\w.]+: ")  # a validator message that already starts with its key
@@ -87,7 +90,7 @@ class CriticConfig(_Strict):
     num_res_blocks: int = Field(6, ge=1)
     hidden_features: int = Field(256, ge=1)  # MLP critic for vector data
     num_layers: int = Field(3, ge=1)
-    lr: PositiveFloat = 1e-5  # DxMI CIFAR-10 value/critic learning rate
+    lr: LearningRate = 1e-5  # DxMI CIFAR-10 value/critic learning rate
 
     @model_validator(mode="after")
     def _blocks_per_stage(self) -> "CriticConfig":
@@ -108,7 +111,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)  # global batch, split across processes
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    lr: PositiveFloat = 1e-4  # generator / sampler / teacher network learning rate
+    lr: LearningRate = 1e-4  # generator / sampler / teacher network learning rate
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     ema: EMAConfig = Field(default_factory=EMAConfig)
@@ -149,8 +152,8 @@ class DxMIConfig(_Strict):
     velocity_momentum: float = Field(0.99, ge=0, lt=1)  # v_k <- m v_k + (1-m) mean ||dx||^2
     last_scale: float | None = Field(1e-3, gt=0)  # fixes s_{T-1}; None learns it too
     eta: float = Field(1.0, ge=0, le=1)  # initial noise split: 1 = DDPM posterior std (DxMI), 0 = DDIM
-    log_scale_lr: PositiveFloat = 1e-5
-    value_lr: PositiveFloat = 1e-5
+    log_scale_lr: LearningRate = 1e-5
+    value_lr: LearningRate = 1e-5
     share_value: bool = False  # DxMI original: one time-independent net for energy and value
     value_guidance: float = 0.0  # g in x += g s_k grad V at sampling time
     # the sampler learns only from steps k >= this: earlier steps land on noisy x_{k+1}, where V is the
@@ -176,7 +179,7 @@ class SiDConfig(_Strict):
     name: Literal["sid"]
     sigma_init: PositiveFloat = 2.5
     alpha: float = 1.2
-    fake_lr: PositiveFloat = 1e-5
+    fake_lr: LearningRate = 1e-5
     adversarial: bool = True  # SiDA critic on the fake score network's encoder
     generator_loss: Literal["nonsat", "kl"] = "nonsat"  # nonsat follows the critic: softplus(log M - l) for n2ce
     adv_weight: float = Field(0.5, ge=0, le=1)  # generator loss (1-w) SiD + w adversarial
@@ -223,8 +226,28 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r}: {part!r} was given a value by an earlier override")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {pair!r}: not a valid YAML value ({str(exc).splitlines()[0]})") from None
     return nested
+
+
+# recipe values that name files or folders; relative ones are read against the recipe's folder first
+_PATH_KEYS = (("teacher", "path"), ("data", "root"), ("eval", "ref"))
+
+
+def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative paths written in a recipe file point next to it when something is there, so a recipe
+    runs from any working directory; otherwise they stay as written (the working directory, a hub id,
+    a named reference)."""
+    for section, key in _PATH_KEYS:
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
+            raw[section] = {**raw[section], key: os.path.normpath(folder / value)}
+    return raw
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -283,7 +306,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
         raise ConfigError(f"recipe {str(path)!r}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {str(path)!r}: expected a mapping at the top level")
-    raw = _merge(raw, parse_overrides(list(overrides)))
+    # overrides are typed on the command line: their paths stay relative to the working directory
+    raw = _merge(_resolve_paths(raw, path.parent), parse_overrides(list(overrides)))
     try:
         return RecipeConfig.model_validate(raw)
     except ValidationError as exc:

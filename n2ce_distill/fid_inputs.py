@@ -51,7 +51,12 @@ def load_named_reference(name: str) -> torch.Tensor:
     from torchvision.datasets import CIFAR10
 
     root = Path(torch.hub.get_dir()).parent / "fidelity_datasets"  # torch-fidelity's own default root
-    return torch.from_numpy(CIFAR10(str(root), train=True, download=True).data).permute(0, 3, 1, 2).contiguous()
+    try:
+        data = CIFAR10(str(root), train=True, download=True).data
+    except OSError as error:  # offline: urllib's errors are OSErrors
+        raise ValueError(f"reference {name!r}: not under {root} and the download failed ({error}); put torchvision's "
+                         "CIFAR-10 archive there, or pass an image folder or a .npz statistics file") from None
+    return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
 
 
 class LazyReference(Dataset):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,11 @@ class Trainer:
         self.recipe, self.output_dir = recipe, Path(output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ValueError(f"--output-dir {str(self.output_dir)!r}: exists and is not a folder")
+        existing = next(p for p in (self.output_dir, *self.output_dir.absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--output-dir {str(self.output_dir)!r}: {str(existing)!r} is not writable")
+        if recipe.eval.fid_every:
+            _check_reference(recipe.eval.ref or recipe.data.name)
         earlier = checkpoints.run_artefacts(self.output_dir)
         if earlier and not resume and not overwrite:
             names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
@@ -295,7 +301,11 @@ class Trainer:
         _check_fixed_keys(state.get("recipe"), self.recipe.model_dump(mode="json"), path)
         # load_state restores the saved learning rates; the recipe's are the ones to train with
         recipe_lrs = {name: [group["lr"] for group in opt.param_groups] for name, opt in self.optimizers.items()}
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except RuntimeError as error:  # size mismatches: a checkpoint of other networks
+            raise ValueError(f"--resume {str(path)!r}: its weights do not fit this recipe's networks "
+                             f"({str(error).strip().splitlines()[0][:200]})") from None
         for name, opt in self.optimizers.items():
             for index, (group, lr) in enumerate(zip(opt.param_groups, recipe_lrs[name])):
                 if group["lr"] != lr:
@@ -307,6 +317,17 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.method.load_extra_state(state["method"])
         self._say(f"resumed from {path.name} (step {self.step})")
+
+
+def _check_reference(ref: str) -> None:
+    """The FID hook's reference exists (a named data set, an image folder or a statistics file), checked
+    at startup rather than at the first evaluation hundreds of iterations in."""
+    from .fid_inputs import reference_input
+
+    try:
+        reference_input(ref, rgb=False, tag="startup-check")
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"eval.ref: {error}") from None
 
 
 def _check_fixed_keys(saved: dict | None, current: dict, path: Path) -> None:

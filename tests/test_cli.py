@@ -1,8 +1,10 @@
 """Command-line behaviour: exit codes, one-line errors, nothing written on bad input, end-to-end commands."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,22 +52,35 @@ def test_missing_recipe_file(tmp_path, capsys):
     assert "file not found" in capsys.readouterr().err
 
 
-def test_train_sample_fid_round_trip(dxmi_recipe, tmp_path, capsys):
+def test_train_sample_fid_round_trip(dxmi_recipe, vp_teacher, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", str(dxmi_recipe), "train.max_steps=2", "train.checkpoint_every=1", *TINY, "--output-dir", str(run)]) == 0
     assert (run / "recipe.yaml").is_file() and (run / "pipeline" / "model_index.json").is_file()
-    assert main(["sample", str(run / "pipeline"), "--num-samples", "5", "--batch-size", "2", "--out", str(tmp_path / "s")]) == 0
-    samples = torch.load(tmp_path / "s" / "samples.pt", weights_only=True)
-    assert samples.shape == (5, 1, 8, 8) and (tmp_path / "s" / "grid.png").is_file()
+    assert main(["sample", str(run), "--num-samples", "5", "--batch-size", "2", "--out", str(tmp_path / "s")]) == 0
+    images = sorted((tmp_path / "s" / "images").glob("*.png"))
+    assert len(images) == 5 and (tmp_path / "s" / "grid.png").is_file()
     fid_out = tmp_path / "fid"
     code = main(["fid", str(run), str(run / "pipeline"), "--ref", "digits",
                  "--num-samples", "64", "--batch-size", "32", "--out", str(fid_out)])
     assert code == 0
-    table = capsys.readouterr().out
-    assert "checkpoint-1" in table and "checkpoint-2" in table
+    capsys.readouterr()
     rows = json.loads((fid_out / "fid.json").read_text())
-    assert [r["step"] for r in rows] == [1, 2, None] and all(r["fid"] > 0 for r in rows)
+    # one curve per run (its checkpoints share a label), then its final export and the pipeline given alone
+    assert [(r["label"], r["step"]) for r in rows] == [("run", 1), ("run", 2), ("run final pipeline/", None),
+                                                     ("pipeline", None)]
+    assert [r["num_samples"] for r in rows] == [64] * 4 and all(r["fid"] > 0 for r in rows)
+    assert {r["extractor"] for r in rows} == {"digits"}  # implied by --ref digits
     assert (fid_out / "fid.csv").is_file() and (fid_out / "fid.png").is_file()
+    # the sampled folder is read whole by default; more samples than it holds is an error, not a silent cut
+    assert main(["fid", str(tmp_path / "s" / "images"), "--ref", "digits", "--out", str(fid_out)]) == 0
+    assert json.loads((fid_out / "fid.json").read_text())[0]["num_samples"] == 5
+    assert main(["fid", str(tmp_path / "s" / "images"), "--ref", "digits", "--num-samples", "6", "--out", str(fid_out)]) == 2
+    assert "holds 5 images" in capsys.readouterr().err
+    # a teacher with a number of steps samples too; a pipeline given a number of steps is not a teacher
+    assert main(["sample", f"{vp_teacher}@2", "--num-samples", "3", "--out", str(tmp_path / "t")]) == 0
+    assert len(list((tmp_path / "t" / "images").glob("*.png"))) == 3
+    assert main(["sample", f"{tmp_path / 'nowhere'}@2", "--out", str(tmp_path / "u")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "u").exists()
 
 
 def test_train_into_an_earlier_run_needs_resume_or_overwrite(dxmi_recipe, tmp_path, capsys):
@@ -129,3 +144,99 @@ def test_benchmark_names_match_the_registry_and_take_hyphens(capsys):
     assert sorted(_BENCHMARK_NAMES) == sorted(BENCHMARKS)
     assert main(["bench", "mle-gradient-nope", "--quick"]) == 2
     assert "unknown benchmark 'mle-gradient-nope'" in capsys.readouterr().err
+
+
+def _broken_teacher(vp_teacher, tmp_path, how):
+    import shutil
+
+    broken = tmp_path / f"teacher-{how}"
+    shutil.copytree(vp_teacher, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    if how == "config":
+        (broken / "unet" / "config.json").write_text("{not json")
+    elif how == "no-weights":
+        weights.unlink()
+    elif how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return broken
+
+
+@pytest.mark.parametrize("how", ["config", "no-weights", "truncated"])
+def test_a_broken_teacher_is_one_line_naming_teacher_path(recipe_file, vp_teacher, tmp_path, capsys, how):
+    teacher = _broken_teacher(vp_teacher, tmp_path, how)
+    recipe = recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"}, "teacher": {"path": str(teacher)}})
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), *TINY, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"teacher.path {str(teacher)!r}: cannot load the teacher" in err
+    assert not out.exists()
+
+
+def test_unreachable_hub_id_is_one_line_with_a_way_out(dxmi_recipe, tmp_path, capsys, monkeypatch):
+    from n2ce_distill import denoisers
+
+    monkeypatch.setattr(denoisers, "_hub_reachable", lambda timeout=3.0: False)  # the offline CI machine, at once
+    out = tmp_path / "run"
+    assert main(["train", str(dxmi_recipe), "teacher.path=nobody/no-such-teacher", *TINY, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "teacher.path 'nobody/no-such-teacher'" in err
+    assert "the hub cannot be reached" in err and "huggingface-cli download nobody/no-such-teacher" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("train.lr=[1,", "override 'train.lr=[1,': not a valid YAML value"),
+    ("critic.lr=1e38", "critic.lr: Input should be less than or equal to 1"),
+    ("method.value_lr=2", "method.value_lr"),
+    ("train.lr=5", "train.lr"),
+])
+def test_more_bad_overrides_are_one_line(dxmi_recipe, tmp_path, capsys, override, culprit):
+    assert main(["train", str(dxmi_recipe), override, "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert culprit in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_paths_resolve_next_to_the_recipe_from_any_folder(vp_teacher, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from n2ce_distill.config import load_recipe
+
+    project = tmp_path / "project"
+    shutil.copytree(vp_teacher, project / "assets" / "teacher")
+    (project / "recipes").mkdir()
+    recipe = project / "recipes" / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"method": {"name": "dxmi"}, "data": {"name": "digits"},
+                                      "teacher": {"path": "../assets/teacher"}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert Path(load_recipe(recipe).teacher.path).resolve() == (project / "assets" / "teacher").resolve()
+    # an override is typed on the command line: relative to the working directory
+    shutil.copytree(vp_teacher, elsewhere / "mine")
+    assert load_recipe(recipe, ["teacher.path=mine"]).teacher.path == "mine"
+
+
+def test_startup_checks_of_reference_output_folder_and_resume(dxmi_recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(dxmi_recipe), "eval.fid_every=5", "eval.ref=no-such-ref", *TINY, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "eval.ref: unknown reference 'no-such-ref'" in err and not out.exists()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root ignores permissions: nothing to test there
+            assert main(["train", str(dxmi_recipe), *TINY, "--output-dir", str(locked / "run")]) == 2
+            assert "is not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+    assert main(["train", str(dxmi_recipe), "train.max_steps=1", *TINY, "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    # a checkpoint of other networks: refused in one line (the recipe key that differs is caught first)
+    assert main(["train", str(dxmi_recipe), "train.max_steps=2", "critic.channels=[8, 32]", *TINY[:1], "critic.num_res_blocks=2",
+                 "train.sample_every=1000", "--output-dir", str(out), "--resume", "latest"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "critic.channels: cannot change on resume" in err

@@ -249,3 +249,17 @@ def test_a_checkpoint_is_never_written_from_unsound_weights(dxmi_recipe, tmp_pat
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1"]
     samples = load_sample_source(str(tmp_path / "checkpoint-1" / "pipeline"))(4, torch.Generator().manual_seed(0))
     assert torch.isfinite(samples).all()  # the kept checkpoint loads and samples
+
+
+def test_resume_of_other_networks_is_one_clear_error(dxmi_recipe, tmp_path):
+    """A checkpoint written before recipes were stored in it (no fixed-key check) that does not fit."""
+    import json
+
+    Trainer(load_recipe(dxmi_recipe, ["train.max_steps=1", *TINY]), tmp_path).train()
+    state_file = tmp_path / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["recipe"]
+    state_file.write_text(json.dumps(state))
+    wider = load_recipe(dxmi_recipe, ["train.max_steps=2", *TINY, "critic.channels=[8, 32]"])
+    with pytest.raises(ValueError, match=r"--resume '.*checkpoint-1': its weights do not fit this recipe's networks"):
+        Trainer(wider, tmp_path, resume="latest")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..config import CriticConfig, RecipeConfig
@@ -115,8 +116,19 @@ def critic_objective(cfg: CriticConfig) -> CriticObjective:
 
 
 def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...]) -> Denoiser:
-    """The recipe's teacher as a sigma-space denoiser, checked against the data's sample shape."""
-    teacher = load_denoiser(recipe.teacher.path, c_noise=recipe.teacher.c_noise)
+    """The recipe's teacher as a sigma-space denoiser, checked against the data's sample shape.
+
+    Whatever stops it from loading (a hub id that cannot be reached, a broken ``config.json``, missing or
+    truncated weights) is one ``ValueError`` naming ``teacher.path``.
+    """
+    path = recipe.teacher.path
+    try:
+        teacher = load_denoiser(path, c_noise=recipe.teacher.c_noise)
+    except (OSError, ValueError, SafetensorError) as error:  # OSError covers the hub's connection errors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = (f"; download it where there is a network (huggingface-cli download {path} --local-dir DIR) "
+                "and set teacher.path=DIR" if not Path(path).exists() else "")
+        raise ValueError(f"teacher.path {path!r}: cannot load the teacher ({reason[:200]}){hint}") from None
     if tuple(teacher.sample_shape) != tuple(sample_shape):
         raise ValueError(
             f"data.image_size: data samples have shape {tuple(sample_shape)} but teacher "
