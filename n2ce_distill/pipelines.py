@@ -23,6 +23,12 @@ from .samplers import teacher_sample
 __all__ = ["FewStepPipeline", "FewStepScheduler", "clamp_images", "load_sample_source"]
 
 SampleSource = Callable[[int, torch.Generator], torch.Tensor]
+OUTPUT_TYPES = ("pil", "np", "pt")
+CUSTOM_PIPELINE_FILE = (
+    "# Lets diffusers load this folder: DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR,\n"
+    "# trust_remote_code=True). The pipeline is n2ce-distill's (pip install n2ce-distill).\n"
+    "from n2ce_distill.pipelines import FewStepPipeline  # noqa: F401\n"
+)
 
 
 class FewStepScheduler(SchedulerMixin, ConfigMixin):
@@ -55,6 +61,13 @@ class FewStepPipeline(DiffusionPipeline):
         )
         return cls(unet=denoiser.net, scheduler=denoiser.to_scheduler(), few_step=few_step)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save, plus a one-line ``pipeline.py`` so that diffusers' own loader finds this class:
+        ``DiffusionPipeline.from_pretrained(DIR, custom_pipeline=DIR, trust_remote_code=True)`` (with
+        n2ce-distill installed; the file only imports it)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        (Path(save_directory) / "pipeline.py").write_text(CUSTOM_PIPELINE_FILE)
+
     def sampler(self) -> FewStepSampler:
         denoiser = denoiser_from_components(self.unet, self.scheduler, c_noise=self.few_step.config.c_noise)
         *learned, last = self.few_step.config.noise_scales
@@ -68,11 +81,30 @@ class FewStepPipeline(DiffusionPipeline):
     def __call__(
         self,
         batch_size: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        samples = clamp_images(self.sampler().sample(batch_size, generator=generator))
+        """Sample like ``DDPMPipeline``: ``generator`` may be one generator or one per sample (as diffusers'
+        ``randn_tensor``); ``num_inference_steps`` is the student's T or omitted (a distilled student has
+        exactly its T steps); ``output_type`` is ``"pil"``, ``"np"`` or ``"pt"`` (a pixel-space student has no
+        latents to return)."""
+        sampler = self.sampler()
+        if num_inference_steps is not None and num_inference_steps != sampler.num_steps:
+            raise ValueError(f"num_inference_steps: this student was distilled to {sampler.num_steps} steps and "
+                             f"samples with exactly those, got {num_inference_steps}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
+                             + (" (a pixel-space student has no latents)" if output_type == "latent" else ""))
+        noise = None
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(f"generator: a list of {len(generator)} generators for batch_size {batch_size}")
+            device, generators, generator = sampler.sigmas.device, generator, None
+            noise = lambda shape: torch.cat([  # noqa: E731  (each sample from its own generator)
+                torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generators])
+        samples = clamp_images(sampler.sample(batch_size, generator=generator, noise=noise))
         if samples.dim() != 4:  # 2-D points: only tensors make sense
             if output_type == "pil":
                 raise ValueError("output_type: 'pil' needs image samples; use 'pt' or 'np' for vector data")

@@ -63,3 +63,37 @@ def test_teacher_source_follows_the_requested_spacing(vp_teacher):
     torch.testing.assert_close(draw(spacing="uniform"), default, rtol=0, atol=0)
     assert not torch.allclose(draw(spacing="auto"), default)
     torch.testing.assert_close(draw(spacing="auto"), draw(spacing="quadratic"), rtol=0, atol=0)
+
+
+def test_diffusers_call_conventions(vp_teacher, tmp_path):
+    denoiser = load_denoiser(vp_teacher)
+    FewStepPipeline.from_sampler(FewStepSampler(denoiser, few_step_sigmas(denoiser, 2))).save_pretrained(tmp_path)
+    pipe = FewStepPipeline.from_pretrained(tmp_path)
+    run = lambda **kw: pipe(output_type="pt", **kw).images  # noqa: E731
+    # one generator per sample: each row is what that generator alone gives, whatever the batch around it
+    rows = run(batch_size=3, generator=[torch.Generator().manual_seed(s) for s in (4, 5, 6)])
+    for row, seed in zip(rows, (4, 5, 6)):
+        torch.testing.assert_close(row, run(batch_size=1, generator=[torch.Generator().manual_seed(seed)])[0])
+    assert not torch.equal(rows[0], rows[1])
+    with pytest.raises(ValueError, match="a list of 2 generators for batch_size 3"):
+        run(batch_size=3, generator=[torch.Generator(), torch.Generator()])
+    # the distilled T is the only number of steps; naming it is fine
+    torch.testing.assert_close(run(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=2),
+                               run(batch_size=2, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="distilled to 2 steps .* got 50"):
+        run(batch_size=1, num_inference_steps=50)
+    for bad in ("latent", "tensor"):
+        with pytest.raises(ValueError, match=rf"output_type: '{bad}' is not one of pil, np, pt"):
+            pipe(batch_size=1, output_type=bad)
+
+
+def test_diffusers_own_loader_finds_the_pipeline(vp_teacher, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    denoiser = load_denoiser(vp_teacher)
+    FewStepPipeline.from_sampler(FewStepSampler(denoiser, few_step_sigmas(denoiser, 2))).save_pretrained(tmp_path)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=str(tmp_path), trust_remote_code=True)
+    assert isinstance(pipe, FewStepPipeline)
+    ours = FewStepPipeline.from_pretrained(tmp_path)
+    torch.testing.assert_close(pipe(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images,
+                               ours(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images)
