@@ -119,6 +119,7 @@ class TrainConfig(_Strict):
     checkpoint_total_limit: int | None = Field(3, ge=1)  # keep this many newest checkpoints
     sample_every: int = Field(500, ge=1)  # sample grid PNG cadence
     log_every: int = Field(50, ge=1)
+    log_with: str = "tensorboard"  # any Accelerate tracker that is installed (wandb, mlflow, aim, ...)
     on_nonfinite: Literal["error", "skip"] = "error"
 
     @field_validator("mixed_precision", mode="before")

@@ -72,10 +72,11 @@ class Trainer:
             raise ValueError(f"--output-dir {str(self.output_dir)!r} already holds a run ({names}): pass --resume "
                              "latest to continue it or --overwrite to start over")
         train = recipe.train
+        _check_tracker(train.log_with)
         self.accelerator = Accelerator(
             mixed_precision=train.mixed_precision,
             gradient_accumulation_steps=train.gradient_accumulation_steps,
-            log_with="tensorboard",
+            log_with=train.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
         set_seed(recipe.seed)
@@ -317,6 +318,20 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.method.load_extra_state(state["method"])
         self._say(f"resumed from {path.name} (step {self.step})")
+
+
+def _check_tracker(name: str) -> None:
+    """``train.log_with`` names an Accelerate tracker that is installed (checked before anything is written)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    if name not in known:
+        raise ValueError(f"train.log_with: unknown tracker {name!r}; Accelerate knows {', '.join(known)}")
+    available = [t.value for t in get_available_trackers()]
+    if name not in available:
+        raise ValueError(f"train.log_with: tracker {name!r} is not installed (installed: {', '.join(available)}); "
+                         f"pip install {name} or use tensorboard")
 
 
 def _check_reference(ref: str) -> None:

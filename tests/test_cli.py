@@ -189,6 +189,8 @@ def test_unreachable_hub_id_is_one_line_with_a_way_out(dxmi_recipe, tmp_path, ca
     ("critic.lr=1e38", "critic.lr: Input should be less than or equal to 1"),
     ("method.value_lr=2", "method.value_lr"),
     ("train.lr=5", "train.lr"),
+    ("train.log_with=tensorbored", "train.log_with: unknown tracker 'tensorbored'; Accelerate knows aim, tensorboard"),
+    ("train.log_with=swanlab", "train.log_with: tracker 'swanlab' is not installed"),
 ])
 def test_more_bad_overrides_are_one_line(dxmi_recipe, tmp_path, capsys, override, culprit):
     assert main(["train", str(dxmi_recipe), override, "--output-dir", str(tmp_path / "run")]) == 2
