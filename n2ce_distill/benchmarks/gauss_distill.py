@@ -17,11 +17,13 @@ Tracked: the exact ``KL(q || p)`` every iteration (closed form), and every ``PRO
 the critic's regime (:func:`~n2ce_distill.diagnostics.critic_diagnostics`) and the cosine between the
 critic's ``grad_x l`` and the true ``grad_x log p/q = -S^-1 x + (A A^T)^-1 (x - b)`` on generator
 samples. Factors vary one at a time from the base (d = 64, reward ``-l``, gamma = 0, one critic step,
-Adam), every objective at every level, over seeds.
+Adam, batch 256), every objective at every level, over seeds. The KL curves (every ``CURVE_EVERY``
+iterations, every seed) are saved as ``gauss_distill.json`` beside the plot.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, replace
@@ -48,6 +50,7 @@ OBJECTIVES: dict[str, dict] = {  # label -> build_objective name and keywords
     "nwj": {"name": "nwj"},
 }
 BATCH = 256  # per side, fresh every step (no finite-sample overfitting)
+CURVE_EVERY = 10  # iterations between the KL values saved in gauss_distill.json
 ITERATIONS = 1500  # the base setting reaches 10% of its starting KL in ~600 (seed 0, NCE)
 CRITIC_LR = 1e-2  # Adam; faster than the generator (two time scales, as in GAN training)
 # Adam moves each entry of A by about lr per step, so a row of A moves by ~lr sqrt(d): the generator lr is
@@ -65,6 +68,7 @@ class Setting:
     reward: str = "kl"  # "kl": -l (DxMI); "nonsat": softplus(log M - l) (SiD / GAN)
     ratio_reg: float = 0.0  # gamma
     critic_steps: int = 1
+    batch: int = BATCH  # per side, for the critic and the generator
     optimizer: str = "adam"  # generator optimiser: "adam" or "sgd"
 
     @property
@@ -81,6 +85,8 @@ SETTINGS = (
     replace(BASE, label="gamma=1", ratio_reg=1.0),
     replace(BASE, label="5 critic steps", critic_steps=5),
     replace(BASE, label="SGD generator", optimizer="sgd"),
+    # N²CE's noise-side weights have variance up to M^2 / batch: does a larger batch close the gap to NCE?
+    replace(BASE, label="batch 1024", batch=1024),
 )
 
 
@@ -147,13 +153,14 @@ def train(setting: Setting, objective_label: str, seed: int, iterations: int = I
     critic_opt = torch.optim.Adam(critic.parameters(), lr=CRITIC_LR)
     optimizer = torch.optim.Adam if setting.optimizer == "adam" else torch.optim.SGD
     student_opt = optimizer(student.parameters(), lr=setting.generator_lr)
-    noise = lambda: torch.randn(BATCH, dim, generator=generator_rng)  # noqa: E731
+    batch = setting.batch
+    noise = lambda: torch.randn(batch, dim, generator=generator_rng)  # noqa: E731
     kl, regimes, cosines = [student.kl_to(precision, logdet_cov)], [], []
     for iteration in range(iterations):
         for _ in range(setting.critic_steps):
             with torch.no_grad():
                 fake = student(noise())
-            logits_data, logits_noise = critic(torch.cat([sample_p(BATCH, dim, rho, generator_rng), fake])).split(BATCH)
+            logits_data, logits_noise = critic(torch.cat([sample_p(batch, dim, rho, generator_rng), fake])).split(batch)
             loss = objective(logits_data, logits_noise)
             critic_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -232,18 +239,24 @@ def run(quick: bool, out: Path) -> str:
         settings, seeds, iterations = (SETTINGS[1], SETTINGS[4]), (0, 1), 300
     else:
         settings, seeds, iterations = SETTINGS, (0, 1, 2, 3, 4), ITERATIONS
-    tables = []
-    fig, axes = new_figure(len(settings), width=4.0, height=3.4)
+    tables, curves = [], {}
+    columns = min(len(settings), 4)
+    fig, axes = new_figure(columns, width=4.0, height=3.4, nrows=math.ceil(len(settings) / columns))
     for setting, ax in zip(settings, axes):
         results = {label: [train(setting, label, seed, iterations) for seed in seeds] for label in OBJECTIVES}
         tables.append(_table(setting, results))
+        curves[setting.label] = {label: [r.kl[::CURVE_EVERY] for r in runs] for label, runs in results.items()}
         for label, runs in results.items():
             ax.plot(_median_curve(runs), label=label)
         ax.set(yscale="log", xlabel="iteration", title=setting.label)
-    axes[0].set_ylabel(f"exact KL(q || p), median of {len(seeds)} seeds")
+        ax.set_ylabel(f"exact KL(q || p), median of {len(seeds)} seeds")
     axes[0].legend(fontsize=7)
+    for ax in axes[len(settings):]:
+        ax.set_visible(False)
     save_figure(fig, out, "gauss_distill.png")
-    return ("\n\n".join(tables) + f"\n\n{len(seeds)} seeds, {iterations} iterations, batch {BATCH} per side; cells "
+    (Path(out) / "gauss_distill.json").write_text(json.dumps({"every": CURVE_EVERY, "kl": curves}))
+    return ("\n\n".join(tables) + f"\n\n{len(seeds)} seeds, {iterations} iterations, batch {BATCH} per side "
+            "unless the setting says otherwise; cells "
             "are median [min, max] over seeds; '(k/n)': only k of n seeds got there (median over those). "
             f"Regime: share of probes (every {PROBE_EVERY} iterations, all seeds) in each regime; cosine: median "
             "over probes of the mean per-sample cos(grad_x l, grad_x log p/q) on generator samples, median over seeds.")

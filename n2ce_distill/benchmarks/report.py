@@ -61,11 +61,12 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def new_figure(ncols: int = 1, width: float = 5.0, height: float = 4.0):
-    """A figure with ``ncols`` side-by-side axes; returns ``(fig, axes_list)``."""
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    return fig, list(axes)
+def new_figure(ncols: int = 1, width: float = 5.0, height: float = 4.0, nrows: int = 1):
+    """A figure with ``nrows`` x ``ncols`` axes (each ``width`` x ``height``); returns ``(fig, axes_list)``,
+    the axes row by row."""
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, [ax for row in axes for ax in row]
 
 
 def save_figure(fig: Figure, out: Path, name: str) -> Path:
