@@ -60,7 +60,8 @@ def run_demo(out: Path, quick: bool = False) -> str:
     for label, source in candidates:
         metrics = evaluate_samples(source, "digits", num_samples=num_samples, seed=recipe.seed)
         rows.append({"label": label, "step": None, "fid": metrics["fid"]})
-    grid = save_samples(load_sample_source(student)(64, torch.Generator().manual_seed(0)), out / "student_samples.png")
+    grid = out / "student_samples.png"
+    save_samples(load_sample_source(student)(64, torch.Generator().manual_seed(0)), grid)
     table = fid_table(rows)
     (out / "results.md").write_text(table + "\n")
     return (f"{table}\n\nsample grid: {grid}\nrun folder: {run_dir}\n"
