@@ -16,13 +16,13 @@ import torch
 
 from .config import RecipeConfig, load_recipe
 from .pipelines import load_sample_source
+from .shipped import shipped
 from .trainer import Trainer
 from .visualize import save_samples
 
-__all__ = ["run_demo", "load_demo_recipe", "cached_baseline", "REPO_ROOT"]
+__all__ = ["run_demo", "load_demo_recipe", "cached_baseline"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_RECIPE = REPO_ROOT / "recipes" / "digits_dxmi_n2ce.yaml"
+DEMO_RECIPE = "digits_dxmi_n2ce.yaml"  # in the shipped recipes; its teacher path points at the shipped teacher
 DEMO_FID_SAMPLES = 1000  # digits features: enough for a stable ranking in seconds
 DEMO_STEPS = 300  # inside the recipe's first dip (seed-mean FID 3.1-3.4 from 300 to 600); lower only from ~1400
 FULL_OVERRIDES = [f"train.max_steps={DEMO_STEPS}"]
@@ -30,8 +30,9 @@ QUICK_OVERRIDES = ["train.max_steps=4", "train.checkpoint_every=2", "train.sampl
 
 
 def load_demo_recipe(overrides: list[str] = ()) -> RecipeConfig:
-    """The digits recipe with the shipped teacher (found from any working directory) and ``overrides``."""
-    return load_recipe(DEMO_RECIPE, [f"teacher.path={REPO_ROOT / 'assets' / 'digits-teacher'}", *overrides])
+    """The shipped digits recipe (found from any working directory, in a checkout or an install) and
+    ``overrides``; its relative teacher path resolves next to the recipe file."""
+    return load_recipe(shipped("recipes", DEMO_RECIPE), list(overrides))
 
 
 def run_demo(out: Path, quick: bool = False) -> str:
@@ -66,7 +67,7 @@ def run_demo(out: Path, quick: bool = False) -> str:
     (out / "results.md").write_text(table + "\n")
     return (f"{table}\n\nsample grid: {grid}\nrun folder: {run_dir}\n"
             f"trained {recipe.train.max_steps} of the recipe's {load_demo_recipe().train.max_steps} iterations; the whole run: "
-            f"n2ce-distill train {DEMO_RECIPE.relative_to(REPO_ROOT)} (README: 'Distil a teacher')")
+            f"n2ce-distill train {shipped('recipes', DEMO_RECIPE)} (README: 'Distil a teacher')")
 
 
 def cached_baseline(teacher: Path, key: str) -> dict | None:

@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from .shipped import shipped
+
 __all__ = [
     "DIGITS_EXTRACTOR_DIR",
     "DigitsNet",
@@ -33,7 +35,7 @@ __all__ = [
     "uint8_to_digits_input",
 ]
 
-DIGITS_EXTRACTOR_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits-extractor"
+DIGITS_EXTRACTOR_DIR = shipped("assets", "digits-extractor")
 DIGITS_FEATURES = "digits-features"
 
 

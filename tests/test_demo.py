@@ -1,7 +1,8 @@
 from n2ce_distill.demo import load_demo_recipe, run_demo
 
 
-def test_quick_demo_trains_evaluates_and_draws(tmp_path):
+def test_quick_demo_trains_evaluates_and_draws(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # from any folder: the shipped recipe and teacher are found wherever one runs
     report = run_demo(tmp_path, quick=True)
     for row in ("teacher DDIM 4 steps", "untrained student 4 steps", "student DxMI+N²CE 4 steps"):
         assert row in report

@@ -25,8 +25,9 @@ import torch
 from ..checkpoints import list_checkpoints
 from ..config import load_recipe
 from ..data import EightGaussians
-from ..demo import REPO_ROOT, cached_baseline
+from ..demo import cached_baseline
 from ..pipelines import load_sample_source
+from ..shipped import shipped
 from ..toy_metrics import eight_gaussians_report
 from ..trainer import Trainer
 
@@ -98,7 +99,7 @@ def _sampling_cost(student: Path, teacher: str, num_samples: int) -> str:
 def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
     from .report import markdown_table
 
-    teacher = str(REPO_ROOT / "assets" / setting.teacher)
+    teacher = str(shipped("assets", setting.teacher))
     key = setting.metric_name
     baselines = {label: metric(load_sample_source(teacher, **options))[key] for label, options in setting.baselines.items()}
     baselines |= setting.cached
@@ -110,7 +111,7 @@ def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
         for label, overrides in setting.variants.items():
             for seed in setting.seeds:
                 run_dir = Path(scratch) / f"{label}-{seed}"
-                recipe = load_recipe(REPO_ROOT / "recipes" / setting.recipe, [
+                recipe = load_recipe(shipped("recipes", setting.recipe), [
                     f"teacher.path={teacher}", f"seed={seed}", f"train.max_steps={setting.steps}",
                     f"train.checkpoint_every={setting.eval_every}", "train.checkpoint_total_limit=null",
                     f"train.sample_every={setting.steps}", "eval.fid_every=0",  # checkpoints are scored below
@@ -235,7 +236,7 @@ def _read_fid_log(run: Path) -> dict[int, float]:
 def _digits_teacher_1000() -> dict[str, float]:
     """The digits teacher's 1000-step FID, measured once by scripts/teacher_baselines.py with the same
     samples and seed (ten minutes per thousand samples on a CPU); empty when it has not been measured."""
-    stored = cached_baseline(REPO_ROOT / "assets" / "digits-teacher", "1000:ancestral:1000:0")
+    stored = cached_baseline(shipped("assets", "digits-teacher"), "1000:ancestral:1000:0")
     return {} if stored is None else {"teacher 1000 steps (cached)": stored["fid"]}
 
 

@@ -1,0 +1,208 @@
+"""``n2ce-distill``: train, sample, fid, bench and demo.
+
+Bad input exits with code 2 and one line naming the culprit; nothing is written before the recipe
+and its paths have been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+USAGE_ERROR = 2
+
+
+def _train(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import load_recipe
+    from .trainer import NonFiniteError, Trainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    output_dir = Path(args.output_dir or Path("runs") / Path(args.recipe).stem)
+    trainer = Trainer(recipe, output_dir, resume=args.resume, overwrite=args.overwrite)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    try:
+        final = trainer.train()
+    except NonFiniteError as exc:  # exit code 1: a run that went wrong, not bad input
+        raise SystemExit(f"n2ce-distill train: error: {exc}") from None
+    print(f"exported {final}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .evaluation import resolve_source
+    from .fid_inputs import to_uint8
+    from .visualize import save_samples
+
+    _, source = resolve_source(args.source)
+    generator = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    chunks, remaining = [], args.num_samples
+    while remaining > 0:
+        chunks.append(source(min(args.batch_size, remaining), generator).cpu())
+        remaining -= len(chunks[-1])
+    samples = torch.cat(chunks)
+    out.mkdir(parents=True, exist_ok=True)
+    save_samples(samples[:256], out / "grid.png")
+    if samples.dim() == 2:  # 2-D points: an array file, no pickle
+        np.save(out / "samples.npy", samples.numpy(), allow_pickle=False)
+        print(f"wrote {len(samples)} points to {out / 'samples.npy'} and a scatter plot to {out / 'grid.png'}")
+        return
+    images = out / "images"  # a folder `n2ce-distill fid` reads as it is
+    images.mkdir(exist_ok=True)
+    for index, image in enumerate(to_uint8(samples, rgb=False)):
+        array = image.permute(1, 2, 0).numpy()
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(images / f"{index:06d}.png")
+    print(f"wrote {len(samples)} images to {images} and a grid to {out / 'grid.png'}")
+
+
+def _fid(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate_inputs
+
+    table = evaluate_inputs(
+        args.inputs, args.ref, num_samples=args.num_samples, out=Path(args.out), batch_size=args.batch_size,
+        seed=args.seed, extractor=args.extractor, inception_weights=args.inception_weights, kid=args.kid, prc=args.prc,
+    )
+    print(table)
+
+
+# the benchmark registry's names, listed here so that --help does not import the benchmarks (checked by a test)
+_BENCHMARK_NAMES = ("chasm", "mle_gradient", "u_curve", "overhead", "gauss_distill", "dxmi_toy", "dxmi_digits",
+                    "sid_digits")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .benchmarks import BENCHMARKS
+
+    name = args.name.replace("-", "_")  # mle-gradient and mle_gradient both work
+    if name not in BENCHMARKS:
+        raise ValueError(f"bench: unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(BENCHMARKS[name](quick=args.quick, out=out))
+
+
+def _config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .config import load_recipe
+
+    print(yaml.safe_dump(load_recipe(args.recipe, args.overrides).model_dump(mode="json"), sort_keys=False), end="")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    print(run_demo(Path(args.out), quick=args.quick))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("n2ce-distill")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown (not installed)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (naming the argument) and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except the empty ones (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="n2ce-distill", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    command = lambda name, text: sub.add_parser(  # noqa: E731
+        name, help=text, description=text, formatter_class=_Help)
+
+    train = command("train", "train a recipe (teacher, dxmi or sid)")
+    train.add_argument("recipe", help="YAML recipe (recipes/*.yaml)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. critic.objective=nce")
+    train.add_argument("--output-dir", help="run folder (default: runs/<recipe name>)")
+    train.add_argument("--resume", help="'latest' or a checkpoint folder")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete an earlier run in --output-dir and start over (without it such a folder is refused)")
+    train.set_defaults(run=_train)
+
+    config = command("config", "print the resolved recipe (defaults filled in, overrides applied) as YAML")
+    config.add_argument("recipe", help="YAML recipe")
+    config.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    config.set_defaults(run=_config)
+
+    sample = command("sample", "draw samples from an exported pipeline, a run or a teacher (PATH@STEPS)")
+    sample.add_argument("source", help="pipeline folder, run folder (its final pipeline/) or TEACHER@STEPS[:euler]")
+    sample.add_argument("--num-samples", type=_positive, default=64, help="how many samples")
+    sample.add_argument("--batch-size", type=_positive, default=256, help="samples per call")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    sample.add_argument("--out", required=True, help="output folder: images/ (PNG, readable by fid) and grid.png")
+    sample.set_defaults(run=_sample)
+
+    fid = command("fid", "FID of runs, pipelines, teachers (PATH@STEPS) or image folders")
+    fid.add_argument("inputs", nargs="+", help="run folders, pipeline folders, TEACHER@STEPS[:euler] or image folders")
+    fid.add_argument("--ref", required=True, help="digits | cifar10-train | image folder | .npz statistics")
+    fid.add_argument("--num-samples", type=_positive,
+                     help="samples per input (default: 10000 from samplers, every image of a folder)")
+    fid.add_argument("--extractor", choices=("auto", "digits", "inception-v3-compat"),
+                     help="feature extractor (default: the one --ref implies; auto: from the samples' shape)")
+    fid.add_argument("--batch-size", type=_positive, default=500, help="samples per batch")
+    fid.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    fid.add_argument("--inception-weights", help="local weights for inception-v3-compat (no download)")
+    fid.add_argument("--kid", action="store_true", help="also kernel inception distance")
+    fid.add_argument("--prc", action="store_true", help="also precision / recall")
+    fid.add_argument("--out", default="fid-output", help="folder for fid.csv, fid.json and fid.png")
+    fid.set_defaults(run=_fid)
+
+    bench = command("bench", "run a benchmark: " + ", ".join(_BENCHMARK_NAMES) + " (hyphens work too)")
+    bench.add_argument("name", help="benchmark name")
+    bench.add_argument("--quick", action="store_true", help="a small version that runs in a minute or two")
+    bench.add_argument("--out", default="benchmarks", help="folder for the plots")
+    bench.set_defaults(run=_bench)
+
+    demo = command("demo", "distil the shipped digits teacher into a 4-step sampler and report FID")
+    demo.add_argument("--out", default="demo-output", help="output folder")
+    demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .checkpoints import CheckpointError
+    from .config import ConfigError
+
+    try:
+        args.run(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"n2ce-distill {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+r"""Datasets (SPEC section 9) and a resumable infinite batch loader.
+
+2-D toys (BNAF/DxMI conventions, ``torch.Generator`` sampling): :class:`EightGaussians` (exact ``log_prob``),
+:class:`TwoSpirals`, :class:`Checkerboard`. Images in [-1, 1], NCHW: scikit-learn digits (1797 x 1 x 8 x 8),
+:class:`ImageFolderDataset`, CIFAR-10 via torchvision. :func:`build_dataset` picks one by name; items are ``x`` or
+``(x, label)``. :class:`InfiniteLoader`: epoch ``e`` is a permutation seeded by ``(seed, e)``, so ``(epoch,
+index)`` fixes the future and a resumed run sees exactly the uninterrupted sequence.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+__all__ = ["DATASETS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset", "InfiniteLoader",
+           "TwoSpirals", "build_dataset", "cifar10", "digits", "infinite_loader"]
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class ArrayDataset(Dataset):
+    """In-memory tensors ``x`` (N, ...) with optional labels ``y`` (N,). ``uint8`` images (N, C, H, W) are kept
+    as bytes (4x less memory for CIFAR-10) and mapped to [-1, 1] floats on access."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        if y is not None and len(y) != len(x):
+            raise ValueError(f"{len(x)} samples but {len(y)} labels")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def _convert(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
+
+    def __getitem__(self, i):
+        x = self._convert(self.x[i])
+        return x if self.y is None else (x, self.y[i])
+
+    def batch(self, idx: torch.Tensor):
+        """Vectorised ``default_collate([self[i] for i in idx])``."""
+        x = self._convert(self.x[idx])
+        return x if self.y is None else (x, self.y[idx])
+
+
+class EightGaussians:
+    r"""Equal mixture of 8 isotropic Gaussians at angles ``k pi/4`` on a circle (defaults: the BNAF/DxMI set,
+    radius ``4/sqrt 2``, std ``0.5/sqrt 2``): ``log p(x) = logsumexp_k[-|x - mu_k|^2/(2 std^2)] - log(16 pi std^2)``.
+    """
+
+    def __init__(self, radius: float = 4 / math.sqrt(2), std: float = 0.5 / math.sqrt(2)):
+        self.radius, self.std = float(radius), float(std)
+        angles = torch.arange(8, dtype=torch.float64) * math.pi / 4
+        self.centers = self.radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        k = torch.randint(0, 8, (n,), generator=generator)
+        return (self.centers[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density of points (N, 2), computed in float64."""
+        sq = (x.double()[:, None, :] - self.centers.to(x.device)[None]).square().sum(-1)
+        log_norm = math.log(16 * math.pi * self.std**2)  # 8 components x 2 pi std^2
+        return (torch.logsumexp(-sq / (2 * self.std**2), dim=1) - log_norm).to(x.dtype)
+
+
+class TwoSpirals:
+    """Two interleaved spirals (BNAF/DxMI): radius-angle ``r = sqrt(u) * 3 pi``, uniform jitter, Gaussian noise."""
+
+    def __init__(self, noise: float = 0.1, scale: float = 1.0):
+        self.noise, self.scale = noise, scale
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        half = n - n // 2
+        r = torch.rand(half, 1, generator=generator, dtype=torch.float64).sqrt() * 3 * math.pi  # 540 degrees
+        jitter = 0.5 * torch.rand(half, 2, generator=generator, dtype=torch.float64)
+        arm = torch.cat([-r.cos() * r, r.sin() * r], dim=1) + jitter
+        x = torch.cat([arm, -arm])[:n] / 3
+        x = x + self.noise * torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        return (self.scale * x).float()
+
+
+class Checkerboard:
+    """Uniform on the black squares of a 4x4 checkerboard over ``[-4, 4]^2`` (BNAF/DxMI)."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        x1 = torch.rand(n, generator=generator, dtype=torch.float64) * 4 - 2
+        row = torch.rand(n, generator=generator, dtype=torch.float64)
+        row = row - 2 * torch.randint(0, 2, (n,), generator=generator)  # square 0 or -2 ...
+        x2 = row + torch.floor(x1) % 2  # ... shifted up by one in odd columns
+        return (2 * self.scale * torch.stack([x1, x2], dim=1)).float()
+
+
+def _toy(cls: Callable, n: int = 10_000, seed: int = 0, **kw) -> ArrayDataset:
+    """A fixed finite sample (the "training set") of a toy distribution."""
+    return ArrayDataset(cls(**kw).sample(n, torch.Generator().manual_seed(seed)))
+
+
+def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0, labels: bool = False) -> ArrayDataset:
+    """scikit-learn's 8x8 digits as (N, 1, 8, 8) floats in [-1, 1] (pixel values 0..16 -> -1..1).
+
+    ``split``: ``"all"``, or ``"train"`` / ``"test"`` of a permutation fixed by ``seed``."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] / 8 - 1
+    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    if split != "all":
+        if split not in ("train", "test"):
+            raise ValueError(f"digits split must be 'all', 'train' or 'test', got {split!r}")
+        perm = torch.as_tensor(np.random.RandomState(seed).permutation(len(x)))
+        n_test = int(round(test_fraction * len(x)))
+        idx = perm[n_test:] if split == "train" else perm[:n_test]
+        x, y = x[idx], y[idx]
+    return ArrayDataset(x, y if labels else None)
+
+
+class ImageFolderDataset(Dataset):
+    """Every image under ``root`` (recursively, sorted), centre-cropped to a square, resized to ``image_size``
+    and mapped to (C, H, W) in [-1, 1]. ``labels=True`` labels each image by its first-level subfolder
+    (sorted class names, as torchvision's ``ImageFolder``)."""
+
+    def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3, labels: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {self.root} does not exist")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found under {self.root}")
+        self.image_size, self.mode = image_size, {1: "L", 3: "RGB"}[channels]
+        self.classes, self.targets = [], None
+        if labels:
+            parts = [p.relative_to(self.root).parts for p in self.files]
+            self.classes = sorted({q[0] for q in parts})
+            if any(len(q) == 1 for q in parts):
+                raise ValueError(f"labels=True needs every image inside a class subfolder of {self.root}")
+            self.targets = [self.classes.index(q[0]) for q in parts]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert(self.mode)
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side))
+            im = im.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8).reshape(self.image_size, self.image_size, -1)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+        return x if self.targets is None else (x, torch.tensor(self.targets[i]))
+
+
+def cifar10(root: str | os.PathLike, train: bool = True, download: bool = True, labels: bool = False) -> ArrayDataset:
+    """CIFAR-10 through torchvision (downloads into ``root`` when ``download``), as uint8 kept in memory and
+    served as (3, 32, 32) floats in [-1, 1]."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(root), train=train, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise ValueError(f"CIFAR-10 not found under {root} ({err}); pass download=True to fetch it") from err
+    x = torch.as_tensor(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return ArrayDataset(x, torch.as_tensor(ds.targets, dtype=torch.long) if labels else None)
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "8gaussians": lambda **kw: _toy(EightGaussians, **kw),
+    "spirals": lambda **kw: _toy(TwoSpirals, **kw),
+    "checkerboard": lambda **kw: _toy(Checkerboard, **kw),
+    "digits": digits,
+    "image-folder": ImageFolderDataset,
+    "cifar10": cifar10,
+}
+
+
+def build_dataset(name: str, **kwargs) -> Dataset:
+    """Dataset by registry name (``DATASETS``); ``kwargs`` go to its builder (toys: ``n``, ``seed`` and the
+    distribution's parameters; digits: ``split``, ``labels``; image-folder: ``root``, ``image_size``; cifar10:
+    ``root``, ``train``, ``download``, ``labels``)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    return DATASETS[name](**kwargs)
+
+
+class InfiniteLoader:
+    """Shuffled batches forever with a resumable position.
+
+    Epoch ``e`` visits ``randperm(N)`` seeded by ``SeedSequence([seed, e])`` (independent of history), batches
+    of ``batch_size`` consecutive indices; ``drop_last`` skips an incomplete tail so every batch has the same
+    size. ``state_dict() = {seed, epoch, index}`` with ``index`` = samples of the epoch already yielded.
+    ``num_workers > 0`` loads through a ``DataLoader`` (the order is still ours)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, drop_last: bool = True,
+                 num_workers: int = 0, pin_memory: bool = False):
+        n = len(dataset)
+        if batch_size < 1 or (drop_last and batch_size > n) or n == 0:
+            raise ValueError(f"batch_size {batch_size} does not fit a dataset of {n} items (drop_last={drop_last})")
+        self.dataset, self.batch_size, self.seed, self.drop_last = dataset, batch_size, int(seed), drop_last
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.epoch, self.index, self._it = 0, 0, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))
+
+    def _epoch_batches(self) -> list[torch.Tensor]:
+        perm, n = self._permutation(self.epoch), len(self.dataset)
+        stop = n - n % self.batch_size if self.drop_last else n
+        return [perm[i : i + self.batch_size] for i in range(self.index, stop, self.batch_size)]
+
+    def _start_epoch_iterator(self) -> Iterator:
+        batches = self._epoch_batches()
+        if self.num_workers > 0:
+            batch_sampler = [b.tolist() for b in batches]
+            return iter(DataLoader(self.dataset, batch_sampler=batch_sampler, num_workers=self.num_workers,
+                                   pin_memory=self.pin_memory))
+        if isinstance(self.dataset, ArrayDataset):
+            return (self.dataset.batch(b) for b in batches)
+        return (default_collate([self.dataset[i] for i in b.tolist()]) for b in batches)
+
+    def __iter__(self) -> InfiniteLoader:
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._start_epoch_iterator()
+        batch = next(self._it, None)
+        if batch is None:  # epoch exhausted (or resumed exactly at its end); __init__ ensures a new one is not
+            self.epoch, self.index, self._it = self.epoch + 1, 0, None
+            return next(self)
+        self.index += len(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.epoch, self.index = int(state["seed"]), int(state["epoch"]), int(state["index"])
+        self._it = None  # rebuild the iterator from the restored position
+
+
+def infinite_loader(dataset: Dataset, batch_size: int, seed: int | torch.Generator = 0, **kwargs) -> InfiniteLoader:
+    """:class:`InfiniteLoader` factory; a ``torch.Generator`` seed is turned into an int by one draw (the int is
+    what ``state_dict`` stores, so resuming never depends on the generator again)."""
+    if isinstance(seed, torch.Generator):
+        seed = int(torch.randint(0, 2**62, (), generator=seed))
+    return InfiniteLoader(dataset, batch_size, seed=seed, **kwargs)

@@ -1,0 +1,126 @@
+"""FID over a run's checkpoints, exported pipelines, teacher baselines and image folders.
+
+Inputs understood by :func:`evaluate_inputs` (and ``n2ce-distill fid``):
+
+- a training run directory: every ``checkpoint-<step>/pipeline`` (one curve, labelled by the run),
+  plus its ``best/`` and final ``pipeline/`` exports as rows of their own;
+- an exported pipeline folder (``FewStepPipeline``);
+- a teacher with a sampler: ``PATH@STEPS`` (ancestral, i.e. DDPM for a VP teacher) or
+  ``PATH@STEPS:euler`` (deterministic, i.e. DDIM);
+- a folder of images (all of them unless a number of samples is given).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoints import list_checkpoints
+from .pipelines import load_sample_source
+
+__all__ = ["EvalInput", "DEFAULT_SAMPLES", "resolve_source", "resolve_inputs", "default_extractor", "evaluate_inputs"]
+
+DEFAULT_SAMPLES = 10_000  # drawn from a generative input when no number is given (folders: all their images)
+
+Generate = Callable[[int, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class EvalInput:
+    label: str  # a run's checkpoints share one label: one curve
+    step: int | None  # training step for checkpoints; None for exports, baselines and folders
+    source: Generate | Path
+
+
+def _is_run(path: Path) -> bool:
+    return path.is_dir() and ((path / "pipeline").is_dir() or bool(list_checkpoints(path)))
+
+
+def resolve_source(spec: str, device: str = "cpu") -> tuple[str, Generate]:
+    """One sampler: ``PATH@STEPS[:ancestral|euler]`` (a teacher), a pipeline folder, or a run folder (its
+    final ``pipeline/``); returns ``(label, generate)``."""
+    path_part, at, steps_part = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    path = Path(path_part)
+    if not path.exists():
+        raise FileNotFoundError(f"input {spec!r}: {path} does not exist")
+    if at:
+        steps, _, method = steps_part.partition(":")
+        if not steps.isdigit() or method not in ("", "ancestral", "euler"):
+            raise ValueError(f"input {spec!r}: expected PATH@STEPS[:ancestral|euler]")
+        method = method or "ancestral"
+        return f"{path.name} {method} {steps} steps", load_sample_source(path, steps=int(steps), method=method, device=device)
+    if _is_run(path) and not (path / "model_index.json").is_file():
+        return f"{path.name} final pipeline/", load_sample_source(path / "pipeline", device=device)
+    return path.name, load_sample_source(path, device=device)
+
+
+def resolve_inputs(specs: list[str], device: str = "cpu") -> list[EvalInput]:
+    """Expand each input spec into the sample sources it stands for."""
+    resolved: list[EvalInput] = []
+    for spec in specs:
+        path = Path(spec.rpartition("@")[0] if "@" in spec else spec)
+        if not path.exists():
+            raise FileNotFoundError(f"fid input {spec!r}: {path} does not exist")
+        if "@" in spec or (path / "model_index.json").is_file():
+            label, source = resolve_source(spec, device)
+            resolved.append(EvalInput(label, None, source))
+        elif _is_run(path):
+            for step, checkpoint in list_checkpoints(path):
+                resolved.append(EvalInput(path.name, step, load_sample_source(checkpoint / "pipeline", device=device)))
+            for export, label in (("best", "best/"), ("pipeline", "final pipeline/")):
+                if (path / export / "model_index.json").is_file():
+                    resolved.append(EvalInput(f"{path.name} {label}", None, load_sample_source(path / export, device=device)))
+        else:
+            resolved.append(EvalInput(path.name, None, path))  # a folder of images
+    return resolved
+
+
+def default_extractor(ref: str) -> str:
+    """The feature extractor a reference implies: digits features for the digits set, Inception for every
+    other named set, and for folders or statistics files the samples' shape decides (``"auto"``)."""
+    from .fid import INCEPTION
+    from .fid_inputs import NAMED_REFERENCES
+
+    if ref in NAMED_REFERENCES:
+        return "digits" if NAMED_REFERENCES[ref][0] == (1, 8, 8) else INCEPTION
+    return "auto"
+
+
+def evaluate_inputs(
+    specs: list[str],
+    ref: str,
+    *,
+    num_samples: int | None,
+    out: Path,
+    batch_size: int = 500,
+    seed: int = 0,
+    extractor: str | None = None,
+    inception_weights: str | None = None,
+    kid: bool = False,
+    prc: bool = False,
+) -> str:
+    """Evaluate every input against ``ref``; write ``fid.csv``, ``fid.json`` and ``fid.png`` into ``out``.
+
+    ``num_samples`` None draws :data:`DEFAULT_SAMPLES` from generative inputs and reads every image of a
+    folder; ``extractor`` None takes :func:`default_extractor` of ``ref``.
+    """
+    from .fid import evaluate_samples, fid_table, plot_fid_curve, write_rows
+
+    rows = []
+    for item in resolve_inputs(specs):
+        count = num_samples if num_samples is not None or isinstance(item.source, Path) else DEFAULT_SAMPLES
+        metrics = evaluate_samples(
+            item.source, ref, num_samples=count, batch_size=batch_size, seed=seed,
+            extractor=extractor or default_extractor(ref), inception_weights=inception_weights, kid=kid, prc=prc,
+        )
+        rows.append({"label": item.label, "step": item.step, **metrics})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(rows, out / "fid.csv")
+    write_rows(rows, out / "fid.json")
+    if any(row["step"] is not None for row in rows):
+        plot_fid_curve(rows, out / "fid.png")
+    return fid_table(rows)

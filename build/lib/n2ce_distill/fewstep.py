@@ -1,0 +1,101 @@
+"""A T-step stochastic sampler with learned per-step noise, on any sigma-space denoiser.
+
+One step is ``x_{k+1} = mu(x_k, k) + s_k z`` with the ancestral mean
+``mu = D(x_k; sigma_k) + (sigma_down_k / sigma_k) (x_k - D(x_k; sigma_k))`` (``sigma_down`` from the
+schedule, so the mean is the DDPM posterior mean for a VP teacher) and a learned scale
+``s_k = exp(log_s_k)`` initialised to the ancestral ``sigma_up_k``. ``x_0 = sigma_0 z``. With
+``sigmas = [sigma_init, 0]`` and ``s = 0`` this is SiD's one-step generator ``D(sigma_init z; sigma_init)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .denoisers import Denoiser
+from .samplers import ancestral_step_scales
+
+__all__ = ["FewStepSampler"]
+
+ValueFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class FewStepSampler(nn.Module):
+    """``sigmas``: T+1 decreasing noise levels ending at 0. ``last_scale`` fixes ``s_{T-1}`` (None: learnt);
+    ``eta`` splits each step's noise between the mean and ``s_k`` as in DDIM (1: ancestral, 0: deterministic)."""
+
+    def __init__(
+        self, denoiser: Denoiser, sigmas: torch.Tensor, last_scale: float | None = 1e-3, min_scale: float = 1e-3, eta: float = 1.0
+    ):
+        super().__init__()
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+        if sigmas.dim() != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
+            raise ValueError(f"sigmas: expected T+1 strictly decreasing values ending at 0, got {sigmas.tolist()}")
+        self.denoiser, self.eta = denoiser, float(eta)
+        sigma_down, sigma_up = ancestral_step_scales(sigmas, eta)  # eta = 1: DDPM posterior, 0: DDIM mean
+        self.register_buffer("sigmas", sigmas)
+        self.register_buffer("sigma_down", sigma_down.float())
+        # log 0 is -inf: a step whose ancestral noise is 0 starts from a tiny positive scale instead
+        self.log_scales = nn.Parameter(sigma_up.float().clamp_min(min_scale).log())
+        # a fixed scale lives in a buffer (it may be exactly 0, as in SiD's deterministic generator)
+        fixed = torch.zeros(len(sigma_up), dtype=torch.bool)
+        fixed_values = torch.zeros(len(sigma_up))
+        if last_scale is not None:
+            fixed[-1], fixed_values[-1] = True, last_scale
+        self.register_buffer("fixed_scale", fixed)
+        self.register_buffer("fixed_values", fixed_values)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    def scales(self) -> torch.Tensor:
+        """``s_k``; fixed entries carry no gradient."""
+        return torch.where(self.fixed_scale, self.fixed_values, self.log_scales.exp())
+
+    def mean(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Ancestral mean for a batch whose rows may sit at different steps ``k`` (LongTensor (B,))."""
+        sigma = self.sigmas[k]
+        x0 = self.denoiser(x, sigma)
+        ratio = (self.sigma_down[k] / sigma).view(-1, *([1] * (x.dim() - 1)))
+        return x0 + ratio * (x - x0)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One step ``x_{k+1} = mu(x_k, k) + s_k z``, differentiable in the denoiser and in ``s_k``.
+
+        Training calls this through the module (so distributed wrappers see it); sampling uses :meth:`sample`.
+        """
+        scale = self.scales()[k].view(-1, *([1] * (x.dim() - 1)))
+        return self.mean(x, k) + scale * noise
+
+    def sample(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        value_fn: ValueFn | None = None,
+        guidance: float = 0.0,
+        return_trajectory: bool = False,
+        noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+    ):
+        """Sample ``batch_size`` points; optional value guidance ``x -= g s_k grad V(x, k+1)``.
+
+        V is a cost-to-go here (the sampler minimises it), so guidance descends it. ``noise(shape)``
+        replaces the standard-normal draws (default: from ``generator``).
+        """
+        device = self.sigmas.device
+        shape = (batch_size, *self.denoiser.sample_shape)
+        noise = noise or (lambda s: torch.randn(s, generator=generator, device=device))
+        x = self.sigmas[0] * noise(shape)
+        trajectory = [x]
+        for k in range(self.num_steps):
+            ks = torch.full((batch_size,), k, device=device, dtype=torch.long)
+            x = self(x, ks, noise(shape))
+            if value_fn is not None and guidance and k + 1 < self.num_steps:
+                with torch.enable_grad():
+                    leaf = x.detach().requires_grad_(True)
+                    grad = torch.autograd.grad(value_fn(leaf, k + 1).sum(), leaf)[0]
+                x = x - guidance * self.scales()[k] * grad
+            trajectory.append(x)
+        return torch.stack(trajectory) if return_trajectory else x

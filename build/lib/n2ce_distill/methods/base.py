@@ -1,0 +1,137 @@
+"""The method interface: a distillation loop as its networks, its losses and one training step.
+
+A :class:`Method` never touches devices, processes, checkpoints or logging; the generic
+:class:`~n2ce_distill.trainer.Trainer` does that for every method alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from ..config import CriticConfig, RecipeConfig
+from ..denoisers import Denoiser, load_denoiser
+from ..objectives import CriticObjective, build_objective
+
+__all__ = ["Method", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
+
+
+class Update(Protocol):
+    """Trainer callback for one optimiser update: backward, non-finite check, clip, step, zero."""
+
+    def __call__(self, term: str, loss: torch.Tensor, optimizer: str, clip: float | None = None) -> None: ...
+
+
+@dataclass
+class StepOutput:
+    """What one training step reports: detached scalars to log and, for methods with a critic, the
+    critic's logits on this step's data and noise (any shapes), which the trainer turns into
+    :func:`~n2ce_distill.diagnostics.critic_diagnostics` at its logging steps."""
+
+    scalars: dict[str, torch.Tensor]
+    critic_logits: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class Method(ABC):
+    """One training loop.
+
+    Subclasses fill ``self.nets`` (trainable modules, checkpointed and wrapped by Accelerate; always
+    call them through this dict so distributed wrappers are used) and implement the abstract methods.
+    ``self.frozen`` holds modules that are moved to the device but never trained (teachers).
+    ``self.objective`` is the critic objective of methods that train a critic.
+    """
+
+    def __init__(self, recipe: RecipeConfig):
+        self.recipe = recipe
+        self.objective: CriticObjective | None = None
+        self.nets: dict[str, nn.Module] = {}
+        self.frozen: dict[str, nn.Module] = {}
+        self.shard = (0, 1)  # (process index, number of processes), set by the trainer
+
+    def draw(self, sample: Callable[[int], torch.Tensor], batch_size: int) -> torch.Tensor:
+        """This process's rows of a random draw over the global batch.
+
+        Every process draws the whole global batch from the same RNG stream and keeps its slice, so
+        a run gives the same result on one process or many (same global batch).
+        """
+        rank, world = self.shard
+        return sample(batch_size * world)[rank * batch_size:(rank + 1) * batch_size]
+
+    def process_mean(self, stat: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-process statistic over all processes, so running buffers stay identical everywhere."""
+        world = self.shard[1]
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            stat = stat.clone()
+            torch.distributed.all_reduce(stat)
+            stat /= world
+        return stat
+
+    def randn(self, batch_size: int, *shape: int, device: torch.device) -> torch.Tensor:
+        return self.draw(lambda n: torch.randn(n, *shape, device=device), batch_size)
+
+    @abstractmethod
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers by name, built over ``self.nets`` parameters (before Accelerate wraps them)."""
+
+    @property
+    @abstractmethod
+    def ema_name(self) -> str:
+        """Key in ``self.nets`` of the network whose EMA is exported and sampled."""
+
+    @abstractmethod
+    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
+        """Run one iteration on a data batch, calling ``update`` once per optimiser."""
+
+    @abstractmethod
+    def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw samples in data space ([-1, 1] for images) with ``model`` (the EMA network)."""
+
+    @abstractmethod
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write ``model`` as a diffusers pipeline folder reloadable with ``from_pretrained``."""
+
+    def extra_state(self) -> dict:
+        """JSON-serialisable state outside the networks (restored by :meth:`load_extra_state`)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        del state
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper, whose custom methods it does not forward."""
+    return getattr(module, "module", module)
+
+
+def critic_objective(cfg: CriticConfig) -> CriticObjective:
+    """The recipe's critic objective with its log-ratio regulariser (M only where the objective has it)."""
+    kwargs = {"M": cfg.M} if cfg.objective == "n2ce" else {}
+    return build_objective(cfg.objective, ratio_reg=cfg.ratio_reg, **kwargs)
+
+
+def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...]) -> Denoiser:
+    """The recipe's teacher as a sigma-space denoiser, checked against the data's sample shape.
+
+    Whatever stops it from loading (a hub id that cannot be reached, a broken ``config.json``, missing or
+    truncated weights) is one ``ValueError`` naming ``teacher.path``.
+    """
+    path = recipe.teacher.path
+    try:
+        teacher = load_denoiser(path, c_noise=recipe.teacher.c_noise)
+    except (OSError, ValueError, SafetensorError) as error:  # OSError covers the hub's connection errors
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = (f"; download it where there is a network (huggingface-cli download {path} --local-dir DIR) "
+                "and set teacher.path=DIR" if not Path(path).exists() else "")
+        raise ValueError(f"teacher.path {path!r}: cannot load the teacher ({reason[:200]}){hint}") from None
+    if tuple(teacher.sample_shape) != tuple(sample_shape):
+        raise ValueError(
+            f"data.image_size: data samples have shape {tuple(sample_shape)} but teacher "
+            f"{recipe.teacher.path!r} expects {tuple(teacher.sample_shape)}"
+        )
+    return teacher

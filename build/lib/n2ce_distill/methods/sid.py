@@ -1,0 +1,148 @@
+"""SiD / SiDA one-step distillation (Zhou et al. 2024/2025; SPEC section 6), with an N²CE critic.
+
+Networks: the frozen teacher ``D_phi``; a fake score network ``D_psi`` and a one-step generator
+``x_g = D_theta(sigma_init z; sigma_init)``, both initialised from it. One iteration:
+
+1. fake-score step on detached ``x_g``: ``lambda(s) ||D_psi(x_g + s n; s) - x_g||^2`` with
+   ``log s ~ N(-1.2, 1.2^2)``, ``lambda(s) = (s^2 + sd^2) / (s sd)^2``; SiDA adds a critic whose logits
+   are the channel mean of ``D_psi``'s encoder output (the UNet mid block's input: no new weights),
+   real vs ``x_g`` noised at the same ``s``, any critic objective weighted by ``lambda(s)``;
+2. generator step: ``t ~ U[0, t_max]``, ``s = (smax^(1/7) + (1 - t)(smin^(1/7) - smax^(1/7)))^7``,
+   ``x_t = x_g + s n``, per pixel ``(D_phi - D_psi)((D_phi - x_g) - alpha (D_phi - D_psi)) / w`` with
+   ``w = sg(mean |x_g - D_phi|)``; SiDA mixes in the adversarial generator term on the same ``x_t``.
+
+Every loss is a sum over its elements (pixels for the score terms, logit positions for the critic) and
+a mean over the batch, as in SiD's and EDM's training code: the balance between the score terms and
+the critic terms then follows the ratio of pixels to logit positions, as in SiDA, at any resolution.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import RecipeConfig
+from ..fewstep import FewStepSampler
+from ..objectives import build_generator_loss
+from ..pipelines import FewStepPipeline
+from .base import Method, StepOutput, Update, critic_objective, load_teacher, unwrap
+
+__all__ = ["SiD", "EncoderLogits"]
+
+FAKE_P_MEAN, FAKE_P_STD = -1.2, 1.2  # fake-score noise levels: EDM's training distribution
+MIN_NORMALISER = 1e-5  # floor on w = mean |x_g - D_phi|
+
+
+class EncoderLogits:
+    """Captures a UNet's mid-block input on each forward; its channel mean is a per-position logit map."""
+
+    def __init__(self, unet: nn.Module):
+        mid = getattr(unet, "mid_block", None)
+        if mid is None:
+            raise ValueError("method.adversarial: the SiDA critic needs a UNet teacher with a mid block (set it false)")
+        self.features: torch.Tensor | None = None
+        mid.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self.features = args[0]
+
+    def logits(self) -> torch.Tensor:
+        return self.features.float().mean(dim=1)  # (B, h, w)
+
+
+class SiD(Method):
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...]):
+        super().__init__(recipe)
+        opts = recipe.method
+        teacher = load_teacher(recipe, sample_shape)
+        self.frozen["teacher"] = teacher.requires_grad_(False)
+        self.nets["fake_score"] = copy.deepcopy(teacher).requires_grad_(True)
+        sigmas = torch.tensor([opts.sigma_init, 0.0])
+        self.nets["generator"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, last_scale=0.0)
+        self.encoder = EncoderLogits(self.nets["fake_score"].net) if opts.adversarial else None
+        self.objective = critic_objective(recipe.critic)
+        self.M = self.objective.M or 1.0  # the objective's noise magnification; NCE's is 1
+        name = {"kl": "kl", "nonsat": "nonsat" if self.objective.M is None else "n2ce_nonsat"}[opts.generator_loss]
+        self.generator_term = build_generator_loss(name, M=self.M if name == "n2ce_nonsat" else None)
+
+    @property
+    def ema_name(self) -> str:
+        return "generator"
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        train, opts = self.recipe.train, self.recipe.method
+        return {
+            "fake_score": torch.optim.Adam(self.nets["fake_score"].parameters(), lr=opts.fake_lr, betas=train.adam_betas),
+            "generator": torch.optim.Adam(self.nets["generator"].parameters(), lr=train.lr, betas=train.adam_betas),
+        }
+
+    def _generate(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        z = self.randn(batch_size, *unwrap(self.nets["generator"]).denoiser.sample_shape, device=device)
+        steps = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return self.nets["generator"](self.recipe.method.sigma_init * z, steps, torch.zeros_like(z))
+
+    def _critic_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        clamp = self.recipe.method.logit_clamp
+        if clamp is None:
+            return logits
+        log_m = math.log(self.M)  # clamp l - log M, never l itself: clamping l at +-10 kills N²CE's gradients
+        return logits.clamp(log_m - clamp, log_m + clamp)
+
+    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
+        opts, sd = self.recipe.method, unwrap(self.nets["fake_score"]).sigma_data
+        B, device = batch.shape[0], batch.device
+        images_seen = step * self.recipe.train.batch_size
+        view = lambda t: t.view(-1, *([1] * (batch.dim() - 1)))  # noqa: E731  (per-sample scalars over pixels)
+
+        # 1. fake score (+ SiDA critic), on detached generator samples
+        with torch.no_grad():
+            x_g = self._generate(B, device)
+        sigma = (FAKE_P_MEAN + FAKE_P_STD * self.randn(B, device=device)).exp()
+        weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        noise = torch.cat([self.randn(B, *batch.shape[1:], device=device) for _ in range(2)])
+        inputs = torch.cat([x_g, batch]) + view(sigma.repeat(2)) * noise
+        denoised = self.nets["fake_score"](inputs, sigma.repeat(2))
+        fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).sum(1)).mean()
+        logs = {"loss_fake_score": fake_loss.detach()}
+        critic_logits = None
+        if self.encoder is not None:
+            logits_fake, logits_real = self._critic_logits(self.encoder.logits()).split(B)
+            positions = logits_real[0].numel()  # the objectives average over positions: sum them instead
+            critic_loss = positions * self.objective(logits_real, logits_fake, weight_data=weight, weight_noise=weight)
+            fake_loss = fake_loss + opts.critic_weight * critic_loss
+            logs["loss_critic"] = critic_loss.detach()
+            critic_logits = (logits_real.detach(), logits_fake.detach())
+        update("fake_score", fake_loss, "fake_score")
+
+        # 2. generator, after its warm-up
+        if images_seen < opts.generator_warmup_images:
+            return StepOutput(logs, critic_logits)
+        x_g = self._generate(B, device)
+        t = opts.t_max * self.draw(lambda n: torch.rand(n, device=device), B)
+        lo, hi = opts.sigma_min ** (1 / 7), opts.sigma_max ** (1 / 7)
+        sigma = (hi + (1 - t) * (lo - hi)) ** 7
+        x_t = x_g + view(sigma) * self.randn(B, *batch.shape[1:], device=device)
+        # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction
+        real, fake = self.frozen["teacher"](x_t, sigma), unwrap(self.nets["fake_score"])(x_t, sigma)
+        w = (x_g - real).abs().flatten(1).mean(1).clamp_min(MIN_NORMALISER).detach()
+        per_pixel = (real - fake) * ((real - x_g) - opts.alpha * (real - fake))
+        sid_loss = (per_pixel.flatten(1).sum(1) / w).mean()
+        generator_loss = sid_loss
+        logs["loss_sid"] = sid_loss.detach()
+        if self.encoder is not None and images_seen >= opts.adversarial_warmup_images:
+            logits = self._critic_logits(self.encoder.logits())
+            adversarial = logits[0].numel() * self.generator_term(logits, weight=1 / w)
+            generator_loss = (1 - opts.adv_weight) * sid_loss + opts.adv_weight * adversarial
+            logs["loss_adversarial"] = adversarial.detach()
+        update("generator", generator_loss, "generator")
+        return StepOutput(logs, critic_logits)
+
+    def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return unwrap(model).sample(batch_size, generator=generator)
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        FewStepPipeline.from_sampler(unwrap(model)).save_pretrained(directory)

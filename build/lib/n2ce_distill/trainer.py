@@ -1,0 +1,380 @@
+"""One generic trainer on Accelerate that drives any :class:`~n2ce_distill.methods.Method`.
+
+It owns what every loop shares: devices and mixed precision, gradient accumulation, multi-process
+data sharding, EMA (ema-pytorch), atomic ``checkpoint-<step>`` folders with a total limit and
+``--resume latest``, TensorBoard logging, the critic's regime diagnostics (``critic/*`` scalars, the
+progress bar, and a plain-words line when the run stays linear or enters the chasm), sample grids,
+the FID hook with a ``best/`` export, and non-finite guards. Methods only say what one step computes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from ema_pytorch import EMA
+from tqdm.auto import tqdm
+
+from . import checkpoints
+from .config import DataConfig, RecipeConfig
+from .data import build_dataset, infinite_loader
+from .diagnostics import REGIMES, RegimeMonitor, critic_diagnostics
+from .methods import StepOutput, build_method
+from .visualize import save_samples
+
+__all__ = ["NonFiniteError", "Trainer", "dataset_from_config"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the message names the step and the loss term."""
+
+
+class _SkipStep(Exception):
+    pass
+
+
+# recipe keys a checkpoint's networks, optimiser state and data stream were built for: a resume that changes
+# one is refused (learning rates, EMA, schedule and evaluation keys may change and take effect)
+FIXED_ON_RESUME = ("method.name", "method.num_steps", "method.share_value", "method.adversarial", "method.net",
+                   "data", "critic.objective", "critic.channels", "critic.num_res_blocks", "critic.hidden_features",
+                   "critic.num_layers", "train.batch_size", "train.gradient_accumulation_steps")
+
+
+class Trainer:
+    """Train ``recipe`` into ``output_dir``; ``resume="latest"`` continues from the newest checkpoint.
+
+    A folder that already holds a run is refused unless ``resume`` continues it or ``overwrite`` deletes it
+    (its :data:`~n2ce_distill.checkpoints.RUN_ARTEFACTS` only, once everything else has been validated).
+    """
+
+    def __init__(self, recipe: RecipeConfig, output_dir: str | Path, resume: str | None = None,
+                 overwrite: bool = False):
+        self.recipe, self.output_dir = recipe, Path(output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"--output-dir {str(self.output_dir)!r}: exists and is not a folder")
+        existing = next(p for p in (self.output_dir, *self.output_dir.absolute().parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--output-dir {str(self.output_dir)!r}: {str(existing)!r} is not writable")
+        if recipe.eval.fid_every:
+            _check_reference(recipe.eval.ref or recipe.data.name)
+        earlier = checkpoints.run_artefacts(self.output_dir)
+        if earlier and not resume and not overwrite:
+            names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise ValueError(f"--output-dir {str(self.output_dir)!r} already holds a run ({names}): pass --resume "
+                             "latest to continue it or --overwrite to start over")
+        train = recipe.train
+        _check_tracker(train.log_with)
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision,
+            gradient_accumulation_steps=train.gradient_accumulation_steps,
+            log_with=train.log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        set_seed(recipe.seed)
+        self.dataset = dataset_from_config(recipe.data, recipe.seed)
+        self.method = build_method(recipe, self.dataset)
+        self.method.shard = (self.accelerator.process_index, self.accelerator.num_processes)
+        self.ema = EMA(
+            self.method.nets[self.method.ema_name],
+            beta=train.ema.beta,
+            update_after_step=train.ema.update_after_step,
+            update_every=train.ema.update_every,
+            power=train.ema.power,
+            include_online_model=False,
+        )
+        self._prepare(self.method.optimizers())
+        world = self.accelerator.num_processes
+        if train.batch_size % world:
+            raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by {world} processes")
+        self.loader = infinite_loader(self.dataset, train.batch_size, recipe.seed)
+        self.step, self.skipped_steps, self.best_fid = 0, 0, math.inf
+        self.regimes, self._regime, self._fid_label = RegimeMonitor(), None, None
+        self._grad_norms: dict[str, torch.Tensor] = {}
+        if resume:
+            self._resume(resume)
+        elif overwrite and earlier and self.accelerator.is_main_process:
+            checkpoints.remove_run(self.output_dir)
+            self._say(f"removed the earlier run in {self.output_dir} (--overwrite)")
+        self.accelerator.wait_for_everyone()
+
+    def _prepare(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        acc = self.accelerator
+        names = list(self.method.nets)
+        prepared = acc.prepare(*self.method.nets.values(), *optimizers.values())
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        self.method.nets = dict(zip(names, prepared[: len(names)]))
+        self.optimizers = dict(zip(optimizers, prepared[len(names):]))
+        for module in self.method.frozen.values():
+            module.to(acc.device).requires_grad_(False).eval()
+        self.ema.to(acc.device)
+
+    # ------------------------------------------------------------------ one update
+    def _update(self, term: str, loss: torch.Tensor, optimizer: str, clip: float | None = None) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            self._nonfinite(f"{term} loss", loss.detach())
+        opt = self.optimizers[optimizer]
+        owned = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        # gradients reach only this optimiser's parameters: a sampler loss that runs through the
+        # critic must not leave stale gradients on the critic
+        self.accelerator.backward(loss, inputs=owned)
+        params = [p for p in owned if p.grad is not None]
+        if self.accelerator.sync_gradients:
+            norm = self.accelerator.clip_grad_norm_(params, clip or self.recipe.train.grad_clip)
+            self._grad_norms[term] = norm.detach()  # before clipping; logged at the logging steps
+            # under fp16 loss scaling an overflow is routine (the first steps at the initial scale): the
+            # scaler skips this step and lowers its scale (seen on an H200: every fp16 run stopped at step 0)
+            if not torch.isfinite(norm) and self.accelerator.scaler is None:
+                opt.zero_grad(set_to_none=True)
+                self._nonfinite(f"{term} gradient", norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _nonfinite(self, what: str, value: torch.Tensor) -> None:
+        message = f"step {self.step}: non-finite {what} ({value.float().flatten()[0].item()})"
+        if self.recipe.train.on_nonfinite == "skip":
+            raise _SkipStep(message)
+        raise NonFiniteError(message + "; the last good checkpoint is kept")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Path:
+        acc, train = self.accelerator, self.recipe.train
+        acc.init_trackers("n2ce-distill", config=_flat(self.recipe.model_dump()))
+        rank, per_process = acc.process_index, train.batch_size // acc.num_processes
+        self._bar = tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
+        while self.step < train.max_steps:
+            batch = next(self.loader)
+            batch = batch[rank * per_process:(rank + 1) * per_process].to(acc.device)
+            try:
+                with acc.accumulate(*self.method.nets.values()), acc.autocast():
+                    output = self.method.training_step(batch, self.step, self._update)
+            except _SkipStep as skipped:
+                self.skipped_steps += 1
+                log.warning("%s; step skipped (%d so far)", skipped, self.skipped_steps)
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                output = StepOutput({})
+            self.ema.update()
+            self.step += 1
+            self._bar.update(1)
+            self._after_step(output)
+        summary = self.regimes.summary()
+        if summary:
+            self._say(summary)
+        self._bar.close()
+        final = self.output_dir / "pipeline"
+        if acc.is_main_process:
+            checkpoints.atomic_write_dir(final, lambda tmp: self.method.export(self.ema.ema_model, tmp))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return final
+
+    def _after_step(self, output: StepOutput) -> None:
+        train, step = self.recipe.train, self.step
+        logs = {k: float(v) for k, v in output.scalars.items()}
+        if step % train.log_every == 0 or step == train.max_steps:
+            logs["skipped_steps"] = self.skipped_steps
+            logs |= {f"grad_norm/{term}": float(norm) for term, norm in self._grad_norms.items()}
+            for name, opt in self.optimizers.items():
+                groups = opt.param_groups
+                logs |= {f"lr/{name}" + (f"/{i}" if len(groups) > 1 else ""): g["lr"] for i, g in enumerate(groups)}
+            if output.critic_logits is not None:
+                logs |= self._critic_logs(*output.critic_logits)
+            self.accelerator.log(logs, step=step)
+        if logs:
+            postfix = {k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")}
+            postfix |= {k: v for k, v in (("regime", self._regime), ("fid", self._fid_label)) if v}
+            self._bar.set_postfix(postfix, refresh=False)
+        if step % train.sample_every == 0 or step == train.max_steps:
+            self._save_samples()
+        fid_every = self.recipe.eval.fid_every
+        if fid_every and (step % fid_every == 0 or step == train.max_steps):
+            self._evaluate_fid()
+        if step % train.checkpoint_every == 0 or step == train.max_steps:
+            self.save_checkpoint()
+
+    def _critic_logs(self, logits_data: torch.Tensor, logits_noise: torch.Tensor) -> dict[str, float]:
+        """The critic's diagnostics as ``critic/*`` scalars (regime as its index in ``REGIMES``); says once,
+        in plain words, when the run stays in the linear regime and when it enters the chasm."""
+        diag = critic_diagnostics(logits_data, logits_noise, M=getattr(self.method.objective, "M", None))
+        self._regime = diag.pop("regime")
+        for message in self.regimes.observe(self.step, diag | {"regime": self._regime}):
+            self._say(message)
+        return {f"critic/{k}": v for k, v in diag.items()} | {"critic/regime": float(REGIMES.index(self._regime))}
+
+    def _say(self, message: str) -> None:
+        if self.accelerator.is_local_main_process:
+            tqdm.write(message, file=sys.stderr)
+
+    def _samples(self, count: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator(self.accelerator.device).manual_seed(seed)
+        with torch.no_grad():
+            return self.method.generate(self.ema.ema_model, count, generator).cpu()
+
+    def _save_samples(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        picture = save_samples(self._samples(64, self.recipe.seed), self.output_dir / "samples" / f"step-{self.step:07d}.png")
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"samples": picture[None]}, step=self.step)
+
+    def _evaluate_fid(self) -> None:
+        from .fid import evaluate_samples  # torch-fidelity is heavy; import only when the hook is on
+
+        if not self.accelerator.is_main_process:
+            return
+        ev = self.recipe.eval
+        metrics = evaluate_samples(
+            lambda n, g: self.method.generate(self.ema.ema_model, n, g),
+            ev.ref or self.recipe.data.name,
+            num_samples=ev.fid_samples,
+            batch_size=ev.batch_size,
+            seed=self.recipe.seed,
+        )
+        self.accelerator.log({"fid": metrics["fid"]}, step=self.step)
+        with (self.output_dir / "fid.jsonl").open("a") as handle:
+            handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        improved = metrics["fid"] < self.best_fid
+        if improved:
+            self.best_fid = metrics["fid"]
+            checkpoints.atomic_write_dir(self.output_dir / "best", lambda tmp: self.method.export(self.ema.ema_model, tmp))
+        self._fid_label = f"{metrics['fid']:.3g}"
+        self._say(f"step {self.step}: FID {metrics['fid']:.4g} on {metrics['num_samples']} samples "
+                  f"(best {self.best_fid:.4g}{', exported to best/' if improved else ''})")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "best_fid": self.best_fid,
+            "loader": self.loader.state_dict(),
+            "method": self.method.extra_state(),
+            "recipe": self.recipe.model_dump(mode="json"),
+        }
+
+    def _unsound_state(self) -> str | None:
+        """Why the current state must not become a checkpoint (non-finite weights, or an EMA model that
+        samples non-finite values), or ``None``: the checkpoint kept after a failure must load and sample."""
+        models = {**self.method.nets, f"EMA {self.method.ema_name}": self.ema.ema_model}
+        for name, model in models.items():
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                return f"non-finite weights in {name}"
+        if not torch.isfinite(self._samples(8, self.recipe.seed)).all():
+            return f"the EMA {self.method.ema_name} samples non-finite values"
+        return None
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        unsound = self._unsound_state()
+        if unsound:
+            kept = checkpoints.list_checkpoints(self.output_dir)
+            last = f"{kept[-1][1].name} is" if kept else "no earlier checkpoint was"
+            raise NonFiniteError(f"step {self.step}: {unsound}; not saved, {last} kept")
+
+        def write(tmp: Path) -> None:
+            acc.save_state(str(tmp), safe_serialization=True)
+            if acc.is_main_process:
+                checkpoints.save_module(self.ema, tmp / "ema.safetensors")  # with its step counter
+                (tmp / "trainer_state.json").write_text(json.dumps(self._state(), indent=1))
+                self.method.export(self.ema.ema_model, tmp / "pipeline")
+
+        path = checkpoints.save_checkpoint(self.output_dir, self.step, write, self.recipe.train.checkpoint_total_limit, acc)
+        self._say(f"saved {path.name}")
+        return path
+
+    def _resume(self, which: str) -> None:
+        path = checkpoints.resolve(self.output_dir, which)
+        if path is None:
+            self._say(f"no checkpoint found in {self.output_dir}: starting fresh")
+            return
+        checkpoints.verify(path)
+        state = checkpoints.read_json(path / "trainer_state.json")
+        _check_fixed_keys(state.get("recipe"), self.recipe.model_dump(mode="json"), path)
+        # load_state restores the saved learning rates; the recipe's are the ones to train with
+        recipe_lrs = {name: [group["lr"] for group in opt.param_groups] for name, opt in self.optimizers.items()}
+        try:
+            self.accelerator.load_state(str(path))
+        except RuntimeError as error:  # size mismatches: a checkpoint of other networks
+            raise ValueError(f"--resume {str(path)!r}: its weights do not fit this recipe's networks "
+                             f"({str(error).strip().splitlines()[0][:200]})") from None
+        for name, opt in self.optimizers.items():
+            for index, (group, lr) in enumerate(zip(opt.param_groups, recipe_lrs[name])):
+                if group["lr"] != lr:
+                    self._say(f"{name} optimiser, parameter group {index}: learning rate {group['lr']:g} in the "
+                              f"checkpoint, {lr:g} from the recipe (used)")
+                group["lr"] = lr
+        checkpoints.load_module(self.ema, path / "ema.safetensors")
+        self.step, self.skipped_steps, self.best_fid = state["step"], state["skipped_steps"], state["best_fid"]
+        self.loader.load_state_dict(state["loader"])
+        self.method.load_extra_state(state["method"])
+        self._say(f"resumed from {path.name} (step {self.step})")
+
+
+def _check_tracker(name: str) -> None:
+    """``train.log_with`` names an Accelerate tracker that is installed (checked before anything is written)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [t.value for t in LoggerType if t.value != "all"]
+    if name not in known:
+        raise ValueError(f"train.log_with: unknown tracker {name!r}; Accelerate knows {', '.join(known)}")
+    available = [t.value for t in get_available_trackers()]
+    if name not in available:
+        raise ValueError(f"train.log_with: tracker {name!r} is not installed (installed: {', '.join(available)}); "
+                         f"pip install {name} or use tensorboard")
+
+
+def _check_reference(ref: str) -> None:
+    """The FID hook's reference exists (a named data set, an image folder or a statistics file), checked
+    at startup rather than at the first evaluation hundreds of iterations in."""
+    from .fid_inputs import reference_input
+
+    try:
+        reference_input(ref, rgb=False, tag="startup-check")
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"eval.ref: {error}") from None
+
+
+def _check_fixed_keys(saved: dict | None, current: dict, path: Path) -> None:
+    """Refuse a resume whose recipe changes a key in :data:`FIXED_ON_RESUME` (checkpoints written before
+    recipes were stored in them are not checked)."""
+    if saved is None:
+        return
+    saved, current = _flat(saved), _flat(current)
+    for key in sorted(set(saved) | set(current)):
+        if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_ON_RESUME):
+            if saved.get(key) != current.get(key):
+                raise ValueError(f"{key}: cannot change on resume (checkpoint {path.name} has "
+                                 f"{saved.get(key)!r}, the recipe {current.get(key)!r})")
+
+
+def dataset_from_config(cfg: DataConfig, seed: int):
+    """The recipe's data set (images in [-1, 1] or 2-D points), without labels."""
+    kwargs = {
+        "image-folder": {"root": cfg.root, "image_size": cfg.image_size or 32},
+        "cifar10": {"root": cfg.root or "data/cifar10"},
+        "digits": {},
+    }.get(cfg.name, {"n": cfg.num_points, "seed": seed})
+    return build_dataset(cfg.name, **kwargs)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """TensorBoard hparams accept scalars only."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
