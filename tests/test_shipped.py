@@ -1,5 +1,6 @@
 """The shipped recipes and assets: found in a checkout and after an install, and packaged completely."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -26,9 +27,14 @@ def test_the_wheel_carries_every_tracked_recipe_and_asset(tmp_path):
     tracked = subprocess.run(["git", "ls-files", "recipes", "assets"], cwd=REPO, capture_output=True, text=True)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                    str(REPO)], check=True, capture_output=True)
-    (wheel,) = tmp_path.glob("n2ce_distill-*.whl")
+    source = tmp_path / "source"  # a copy, so the build's own folders never land in the checkout
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "n2ce_distill", "recipes", "assets"):
+        copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
+        copy(REPO / part, source / part, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("n2ce_distill-*.whl")
     prefix = f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.data/data/share/n2ce-distill/"
     packaged = {name[len(prefix):] for name in zipfile.ZipFile(wheel).namelist() if name.startswith(prefix)}
     assert packaged == set(tracked.stdout.split())
