@@ -106,10 +106,11 @@ class RegimeMonitor:
     in the linear regime and when it enters the chasm.
 
     :meth:`observe` takes the diagnostics of each logged step and returns the messages to show now
-    (usually none). The linear message comes after ``patience`` consecutive linear observations.
+    (usually none). The linear message comes after ``patience`` consecutive linear observations (5: 250
+    iterations at the default ``train.log_every``).
     """
 
-    def __init__(self, patience: int = 10):
+    def __init__(self, patience: int = 5):
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience!r}")
         self.patience = patience
@@ -139,9 +140,12 @@ class RegimeMonitor:
         return messages
 
     def summary(self) -> str | None:
-        """One line with the share of logged steps in each regime (``None`` before any observation)."""
+        """One line with the share of logged steps in each regime, and what it means when most were linear
+        (``None`` before any observation)."""
         total = sum(self.counts.values())
         if not total:
             return None
         shares = ", ".join(f"{name} {100 * count / total:.0f}%" for name, count in self.counts.items())
-        return f"critic regime over {total} logged steps: {shares}"
+        reading = ("; mostly linear: another critic objective would have changed the step size, not the updates"
+                   if self.counts["linear"] >= total / 2 else "")
+        return f"critic regime over {total} logged steps: {shares}{reading}"

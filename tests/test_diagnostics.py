@@ -106,7 +106,11 @@ def test_regime_monitor_says_linear_once_after_patience_and_chasm_once():
     (entered,) = monitor.observe(350, chasm)
     assert "step 350" in entered and "density chasm" in entered
     assert monitor.observe(400, chasm) == []
-    assert monitor.summary() == "critic regime over 9 logged steps: linear 67%, informative 11%, chasm 22%"
+    assert monitor.summary() == ("critic regime over 9 logged steps: linear 67%, informative 11%, chasm 22%; mostly "
+                                 "linear: another critic objective would have changed the step size, not the updates")
+    mostly_chasm = RegimeMonitor()
+    mostly_chasm.observe(0, chasm)
+    assert mostly_chasm.summary() == "critic regime over 1 logged steps: linear 0%, informative 0%, chasm 100%"
     assert RegimeMonitor().summary() is None
     with pytest.raises(ValueError, match="patience"):
         RegimeMonitor(patience=0)
