@@ -252,3 +252,16 @@ def test_crafted_pickles_are_never_executed(tmp_path, cache, monkeypatch):
     for kw in ({"cache_dir": planted_cache}, {}):
         evaluate_samples(noise_source, "digits", num_samples=50, kid=True, prc=True, **kw)
     assert not marker.exists()
+
+
+def test_cifar10_reference_offline_is_one_clear_error(monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(ValueError, match=r"reference 'cifar10-train': not under .* and the download failed"):
+        fid_inputs.load_named_reference("cifar10-train")
