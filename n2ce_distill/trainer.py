@@ -118,7 +118,8 @@ class Trainer:
         self.ema.to(acc.device)
 
     # ------------------------------------------------------------------ one update
-    def _update(self, term: str, loss: torch.Tensor, optimizer: str, clip: float | None = None) -> None:
+    def _update(self, term: str, loss: torch.Tensor, clip: float | None = None) -> None:
+        optimizer = term  # each loss term has the optimiser of the same name
         if not torch.isfinite(loss.detach()).all():
             self._nonfinite(f"{term} loss", loss.detach())
         opt = self.optimizers[optimizer]

@@ -36,7 +36,8 @@ def make_update(method, calls: list):
     """A minimal ``Trainer._update``: backward into the optimiser's own parameters, clip, step, zero."""
     opts = method.optimizers()
 
-    def update(term, loss, optimizer, clip=None):
+    def update(optimizer, loss, clip=None):  # the optimiser's name is the term's
+        term = optimizer
         assert torch.isfinite(loss).all(), term
         calls.append((term, optimizer, clip, loss.detach()))
         opt = opts[optimizer]

@@ -37,7 +37,8 @@ def make_update(method, calls: list):
     """A minimal ``Trainer._update``: backward into the optimiser's own parameters, clip, step, zero."""
     opts = method.optimizers()
 
-    def update(term, loss, optimizer, clip=None):
+    def update(optimizer, loss, clip=None):  # the optimiser's name is the term's
+        term = optimizer
         assert torch.isfinite(loss).all(), term
         opt = opts[optimizer]
         owned = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]

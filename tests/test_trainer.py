@@ -109,7 +109,7 @@ def test_fp16_overflow_is_left_to_the_loss_scaler(dxmi_recipe, tmp_path):
 
     plain = Trainer(load_recipe(dxmi_recipe, ["train.max_steps=1", *TINY]), tmp_path / "plain")
     with pytest.raises(NonFiniteError, match="step 0: non-finite critic gradient"):
-        plain._update("critic", plain.method.nets["critic"](torch.zeros(2, 1, 8, 8)).sum() * 1e30, "critic")
+        plain._update("critic", plain.method.nets["critic"](torch.zeros(2, 1, 8, 8)).sum() * 1e30)
 
 
 def test_sigkill_then_resume_matches(dxmi_recipe, tmp_path):

@@ -23,9 +23,10 @@ __all__ = ["Method", "StepOutput", "Update", "critic_objective", "load_teacher",
 
 
 class Update(Protocol):
-    """Trainer callback for one optimiser update: backward, non-finite check, clip, step, zero."""
+    """Trainer callback for one optimiser update: backward, non-finite check, clip, step, zero. ``optimizer``
+    names both the optimiser (a key of :meth:`Method.optimizers`) and the loss term in messages."""
 
-    def __call__(self, term: str, loss: torch.Tensor, optimizer: str, clip: float | None = None) -> None: ...
+    def __call__(self, optimizer: str, loss: torch.Tensor, clip: float | None = None) -> None: ...
 
 
 @dataclass

@@ -134,7 +134,7 @@ class DxMI(Method):
         # 12-15 by 350 iterations unclamped; clamped, 3.7-5.9 up to 400, and ~3 up to 800 with sampler_steps_from 2)
         logits_data, logits_noise = self.nets["critic"](torch.cat([batch, clamp_images(traj[-1])])).split(B)
         critic_loss = self.objective(logits_data, logits_noise)
-        update("critic", critic_loss, "critic")
+        update("critic", critic_loss)
         logs = {"loss_critic": critic_loss.detach()}
         critic_logits = (logits_data.detach(), logits_noise.detach())
         if step * self.recipe.train.batch_size < opts.sampler_warmup_images:
@@ -147,7 +147,7 @@ class DxMI(Method):
             with torch.no_grad():
                 target = self.value(x_next[first:].reshape(n * B, *shape), k_all + 1)
             value_loss = (self.value(x_now[first:].reshape(n * B, *shape), k_all, self.nets["value"]) - target).pow(2).mean()
-            update("value", value_loss, "value")
+            update("value", value_loss)
             logs["loss_value"] = value_loss.detach()
 
         # the sampler learns from B transitions drawn from the buffer (one random step per
@@ -159,7 +159,7 @@ class DxMI(Method):
         log_scale = unwrap(sampler).scales()[k].log()
         running = opts.tau2 * (x_new - x_prev).pow(2).flatten(1).mean(1) / (2 * velocity) - opts.tau1 * log_scale
         sampler_loss = (self.value(x_new, k + 1) + running).mean()
-        update("sampler", sampler_loss, "sampler", clip=SAMPLER_CLIP)
+        update("sampler", sampler_loss, clip=SAMPLER_CLIP)
         logs["loss_sampler"] = sampler_loss.detach()
         # the learned noise scales (after this update): on digits s_0 grew whenever the early steps trained
         logs.update({f"scale_{i}": s.detach() for i, s in enumerate(unwrap(sampler).scales())})

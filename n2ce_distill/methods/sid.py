@@ -116,7 +116,7 @@ class SiD(Method):
             fake_loss = fake_loss + opts.critic_weight * critic_loss
             logs["loss_critic"] = critic_loss.detach()
             critic_logits = (logits_real.detach(), logits_fake.detach())
-        update("fake_score", fake_loss, "fake_score")
+        update("fake_score", fake_loss)
 
         # 2. generator, after its warm-up
         if images_seen < opts.generator_warmup_images:
@@ -138,7 +138,7 @@ class SiD(Method):
             adversarial = logits[0].numel() * self.generator_term(logits, weight=1 / w)
             generator_loss = (1 - opts.adv_weight) * sid_loss + opts.adv_weight * adversarial
             logs["loss_adversarial"] = adversarial.detach()
-        update("generator", generator_loss, "generator")
+        update("generator", generator_loss)
         return StepOutput(logs, critic_logits)
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -52,7 +52,7 @@ class TeacherTraining(Method):
         sigma = self.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
         noise = self.randn(len(batch), *batch.shape[1:], device=batch.device)
         loss = denoiser.denoising_loss(batch, sigma=sigma, noise=noise, model=self.nets["denoiser"]).mean()
-        update("denoiser", loss, "denoiser")
+        update("denoiser", loss)
         return StepOutput({"loss_denoise": loss.detach()})
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
