@@ -283,12 +283,12 @@ def run(quick: bool, out: Path) -> str:
     ax.legend(fontsize=7)
     save_figure(fig, out, "chasm.png")
     fig, axes = new_figure(len(dims), width=4.2, height=3.6)
-    for ax, dim in zip(axes, dims):
+    for ax, panel in zip(axes, dims):
         for label, by_dim in trajectories.items():
-            ax.plot([TRACK_EVERY * i for i in range(len(by_dim[dim]))], by_dim[dim], "--" if "K=" in label else "-",
+            ax.plot([TRACK_EVERY * i for i in range(len(by_dim[panel]))], by_dim[panel], "--" if "K=" in label else "-",
                     label=label)
-        ax.axhline(dim / 4, color="k", ls=":", lw=2, label="truth")
-        ax.set(xlabel="training step", title=f"d={dim} (KL {dim / 4:g})")
+        ax.axhline(panel / 4, color="k", ls=":", lw=2, label="truth")
+        ax.set(xlabel="training step", title=f"d={panel} (KL {panel / 4:g})")
     axes[0].set_ylabel(f"E_p l on {TRACK_SAMPLES} fresh samples")
     axes[0].legend(fontsize=6)
     save_figure(fig, out, "chasm_steps.png")
