@@ -70,7 +70,7 @@ def test_quick_benchmark_reports_every_objective(tmp_path):
     saved = json.loads((tmp_path / "gauss_distill.json").read_text())
     curves = saved["kl"]["d=16"]["nce"]  # every seed's KL every CURVE_EVERY iterations
     assert len(curves) == 2 and len(curves[0]) == 300 // saved["every"] + 1
-    assert curves[0][0] == pytest.approx(16 * (math.e - 1.5) / 2, rel=1e-5)
+    assert curves[0][0] == pytest.approx(16 * (math.e - 1.5) / 2, rel=1e-3)  # saved to 4 significant digits
     tables = [block for block in report.split("\n\n") if block.startswith("| objective")]
     assert len(tables) == 2  # quick: d = 16 and gamma = 1
     for table in tables:

@@ -18,7 +18,7 @@ the critic's regime (:func:`~n2ce_distill.diagnostics.critic_diagnostics`) and t
 critic's ``grad_x l`` and the true ``grad_x log p/q = -S^-1 x + (A A^T)^-1 (x - b)`` on generator
 samples. Factors vary one at a time from the base (d = 64, reward ``-l``, gamma = 0, one critic step,
 Adam, batch 256), every objective at every level, over seeds. The KL curves (every ``CURVE_EVERY``
-iterations, every seed) are saved as ``gauss_distill.json`` beside the plot.
+iterations, every seed, 4 significant digits) are saved as ``gauss_distill.json`` beside the plot.
 """
 
 from __future__ import annotations
@@ -247,7 +247,8 @@ def run(quick: bool, out: Path) -> str:
     for setting, ax in zip(settings, axes):
         results = {label: [train(setting, label, seed, iterations) for seed in seeds] for label in OBJECTIVES}
         tables.append(_table(setting, results))
-        curves[setting.label] = {label: [r.kl[::CURVE_EVERY] for r in runs] for label, runs in results.items()}
+        curves[setting.label] = {label: [[float(f"{v:.4g}") for v in r.kl[::CURVE_EVERY]] for r in runs]
+                                 for label, runs in results.items()}
         for label, runs in results.items():
             ax.plot(_median_curve(runs), label=label)
         ax.set(yscale="log", xlabel="iteration", title=setting.label)
@@ -256,7 +257,7 @@ def run(quick: bool, out: Path) -> str:
     for ax in axes[len(settings):]:
         ax.set_visible(False)
     save_figure(fig, out, "gauss_distill.png")
-    (Path(out) / "gauss_distill.json").write_text(json.dumps({"every": CURVE_EVERY, "kl": curves}))
+    (Path(out) / "gauss_distill.json").write_text(json.dumps({"every": CURVE_EVERY, "kl": curves}, separators=(",", ":")))
     return ("\n\n".join(tables) + f"\n\n{len(seeds)} seeds, {iterations} iterations, batch {BATCH} per side "
             "unless the setting says otherwise; cells "
             "are median [min, max] over seeds; '(k/n)': only k of n seeds got there (median over those). "
