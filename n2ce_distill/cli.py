@@ -164,8 +164,10 @@ def _parser() -> argparse.ArgumentParser:
     sample.set_defaults(run=_sample)
 
     fid = command("fid", "FID of runs, pipelines, teachers (PATH@STEPS) or image folders")
-    fid.add_argument("inputs", nargs="+", help="run folders, pipeline folders, TEACHER@STEPS[:euler] or image folders")
-    fid.add_argument("--ref", required=True, help="digits | cifar10-train | image folder | .npz statistics")
+    fid.add_argument("inputs", nargs="+", help="run folders, pipeline folders, TEACHER@STEPS[:euler], image folders "
+                     "(2-D toys: .npy points or a sample output folder)")
+    fid.add_argument("--ref", required=True, help="digits | cifar10-train | image folder | .npz statistics; or a 2-D toy "
+                     "(8gaussians | spirals | checkerboard: SW2, and exact NLL for 8gaussians)")
     fid.add_argument("--num-samples", type=_positive,
                      help="samples per input (default: 10000 from samplers, every image of a folder)")
     fid.add_argument("--extractor", choices=("auto", "digits", "inception-v3-compat"),

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-__all__ = ["DATASETS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset", "InfiniteLoader",
+__all__ = ["DATASETS", "TOY_DISTRIBUTIONS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset", "InfiniteLoader",
            "TwoSpirals", "build_dataset", "cifar10", "digits", "infinite_loader"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -175,10 +176,13 @@ def cifar10(root: str | os.PathLike, train: bool = True, download: bool = True, 
     return ArrayDataset(x, torch.as_tensor(ds.targets, dtype=torch.long) if labels else None)
 
 
+# the 2-D toys by name; their datasets and the 2-D metrics of `n2ce-distill fid --ref NAME` both read this
+TOY_DISTRIBUTIONS: dict[str, Callable[[], EightGaussians | TwoSpirals | Checkerboard]] = {
+    "8gaussians": EightGaussians, "spirals": TwoSpirals, "checkerboard": Checkerboard,
+}
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
-    "8gaussians": lambda **kw: _toy(EightGaussians, **kw),
-    "spirals": lambda **kw: _toy(TwoSpirals, **kw),
-    "checkerboard": lambda **kw: _toy(Checkerboard, **kw),
+    **{name: partial(_toy, cls) for name, cls in TOY_DISTRIBUTIONS.items()},
     "digits": digits,
     "image-folder": ImageFolderDataset,
     "cifar10": cifar10,

@@ -13,6 +13,7 @@ import abc
 import json
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -260,13 +261,23 @@ def _hub_files(root: str, hub_kwargs: dict) -> dict:
                       "reached") from None
 
 
+# diffusers passes huggingface_hub an argument it has deprecated on every hub lookup; the warning says nothing
+# to our users and would turn the one-line error for an unreachable hub id into three lines
+_DEPRECATED_HUB_ARGUMENT = "The `local_dir_use_symlinks` argument is deprecated"
+
+
 def load_denoiser(path_or_hub_id: str | os.PathLike, *, c_noise: str | None = None, **from_pretrained_kwargs):
     """:func:`denoiser_from_components` on a diffusers folder or hub id holding ``unet/`` and ``scheduler/``.
 
     The net class (``UNet2DModel`` or :class:`ToyMLP`) is ``unet/config.json``'s ``_class_name``;
     ``from_pretrained_kwargs`` (``revision``, ``cache_dir``, ``local_files_only``, ``torch_dtype``, ...) go to
     the diffusers loaders."""
-    root = str(path_or_hub_id)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DEPRECATED_HUB_ARGUMENT, category=UserWarning)
+        return _load_denoiser(str(path_or_hub_id), c_noise, from_pretrained_kwargs)
+
+
+def _load_denoiser(root: str, c_noise: str | None, from_pretrained_kwargs: dict):
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k != "torch_dtype"}
     if os.path.isdir(root):
         missing = [p for p in ("scheduler/scheduler_config.json", "unet/config.json") if not (Path(root) / p).is_file()]

@@ -8,6 +8,10 @@ Inputs understood by :func:`evaluate_inputs` (and ``n2ce-distill fid``):
 - a teacher with a sampler: ``PATH@STEPS`` (ancestral, i.e. DDPM for a VP teacher) or
   ``PATH@STEPS:euler`` (deterministic, i.e. DDIM);
 - a folder of images (all of them unless a number of samples is given).
+
+With a 2-D toy as the reference (``--ref 8gaussians``, ``spirals``, ``checkerboard``) each input is scored by
+:func:`~n2ce_distill.toy_metrics.toy_report` (SW2; for 8 Gaussians also the exact NLL and mode coverage)
+instead of FID, and a saved sample is a ``.npy`` file or a folder holding ``samples.npy``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import time
 
 import torch
 
@@ -89,6 +95,23 @@ def default_extractor(ref: str) -> str:
     return "auto"
 
 
+def _toy_metrics(item: EvalInput, ref: str, count: int | None, batch_size: int, seed: int) -> dict:
+    from .toy_metrics import load_points, toy_report
+
+    start = time.perf_counter()
+    if isinstance(item.source, Path):
+        points = load_points(item.source)[:count]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        sizes = [min(batch_size, count - done) for done in range(0, count, batch_size)]
+        points = torch.cat([item.source(size, generator).cpu() for size in sizes])
+    try:
+        report = toy_report(points, ref)
+    except ValueError as error:
+        raise ValueError(f"input {item.label!r}: {error}") from None
+    return {**report, "num_samples": len(points), "seconds": time.perf_counter() - start}
+
+
 def evaluate_inputs(
     specs: list[str],
     ref: str,
@@ -107,15 +130,22 @@ def evaluate_inputs(
     ``num_samples`` None draws :data:`DEFAULT_SAMPLES` from generative inputs and reads every image of a
     folder; ``extractor`` None takes :func:`default_extractor` of ``ref``.
     """
+    from .data import TOY_DISTRIBUTIONS
     from .fid import evaluate_samples, fid_table, plot_fid_curve, write_rows
 
+    toy = ref in TOY_DISTRIBUTIONS
+    if toy and (kid or prc or extractor not in (None, "auto")):
+        raise ValueError(f"--ref {ref}: a 2-D toy is scored by SW2 and NLL; --kid, --prc and --extractor are for images")
     rows = []
     for item in resolve_inputs(specs):
         count = num_samples if num_samples is not None or isinstance(item.source, Path) else DEFAULT_SAMPLES
-        metrics = evaluate_samples(
-            item.source, ref, num_samples=count, batch_size=batch_size, seed=seed,
-            extractor=extractor or default_extractor(ref), inception_weights=inception_weights, kid=kid, prc=prc,
-        )
+        if toy:
+            metrics = _toy_metrics(item, ref, count, batch_size, seed)
+        else:
+            metrics = evaluate_samples(
+                item.source, ref, num_samples=count, batch_size=batch_size, seed=seed,
+                extractor=extractor or default_extractor(ref), inception_weights=inception_weights, kid=kid, prc=prc,
+            )
         rows.append({"label": item.label, "step": item.step, **metrics})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ __all__ = [
     "evaluate_samples",
     "fid_table",
     "plot_fid_curve",
+    "primary_metric",
     "save_reference_stats",
     "write_rows",
 ]
@@ -241,7 +242,13 @@ def save_reference_stats(
 # ---- reporting: a row is a dict with label, step (int, or None for a baseline), fid, and optionally
 # kid / precision / recall (plus any other keys, kept by the CSV/JSON writers)
 
-METRIC_COLUMNS = ("fid", "kid", "precision", "recall")
+METRIC_COLUMNS = ("fid", "kid", "precision", "recall",  # images
+                  "sw2", "nll", "modes_covered", "mode_balance", "off_mode_fraction")  # 2-D toys
+
+
+def primary_metric(rows: list[dict]) -> str:
+    """The lower-is-better number a table bolds and a curve plots: FID, or SW2 for the 2-D toys."""
+    return "fid" if any(r.get("fid") is not None for r in rows) or not rows else "sw2"
 
 
 def _fmt(value) -> str:
@@ -251,14 +258,15 @@ def _fmt(value) -> str:
 
 
 def fid_table(rows: list[dict]) -> str:
-    """Markdown table of rows; the lowest FID is in bold."""
+    """Markdown table of rows; the lowest value of the :func:`primary_metric` is in bold."""
+    key = primary_metric(rows)
     cols = ["label", "step"] + [c for c in METRIC_COLUMNS if any(r.get(c) is not None for r in rows)]
-    best = min((r["fid"] for r in rows if r.get("fid") is not None), default=None)
+    best = min((r[key] for r in rows if r.get(key) is not None), default=None)
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
         cells = [_fmt(r.get(c)) for c in cols]
-        if best is not None and r.get("fid") == best:
-            cells[cols.index("fid")] = f"**{cells[cols.index('fid')]}**"
+        if best is not None and r.get(key) == best:
+            cells[cols.index(key)] = f"**{cells[cols.index(key)]}**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -280,28 +288,30 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def plot_fid_curve(rows: list[dict], path: str | Path, title: str = "FID during training") -> Path:
-    """PNG of FID against training step, one line per label, best checkpoint of each starred;
-    baselines (step None) are dashed horizontal lines."""
+def plot_fid_curve(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """PNG of the :func:`primary_metric` (FID, or SW2) against training step, one line per label, best checkpoint
+    of each starred; baselines (step None) are dashed horizontal lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)  # the Agg canvas, without touching pyplot's global backend
     ax = fig.add_subplot()
-    curves = [r for r in rows if r.get("step") is not None and r.get("fid") is not None]
+    key = primary_metric(rows)
+    curves = [r for r in rows if r.get("step") is not None and r.get(key) is not None]
     for label in dict.fromkeys(r["label"] for r in curves):
-        pts = sorted((r["step"], r["fid"]) for r in curves if r["label"] == label)
+        pts = sorted((r["step"], r[key]) for r in curves if r["label"] == label)
         (line,) = ax.plot(*zip(*pts), marker="o", ms=3, label=label)
-        step, fid = min(pts, key=lambda p: p[1])
-        ax.scatter([step], [fid], marker="*", s=180, color=line.get_color(), edgecolor="k", zorder=3,
-                   label=f"best {label}: {fid:.3g} @ step {step}")  # fmt: skip
+        step, value = min(pts, key=lambda p: p[1])
+        ax.scatter([step], [value], marker="*", s=180, color=line.get_color(), edgecolor="k", zorder=3,
+                   label=f"best {label}: {value:.3g} @ step {step}")  # fmt: skip
     for r in rows:
-        if r.get("step") is None and r.get("fid") is not None:
-            ax.axhline(r["fid"], ls="--", lw=1, color="gray")
-            ax.annotate(f"{r['label']} ({r['fid']:.3g})", (0.01, r["fid"]), xycoords=("axes fraction", "data"),
+        if r.get("step") is None and r.get(key) is not None:
+            ax.axhline(r[key], ls="--", lw=1, color="gray")
+            ax.annotate(f"{r['label']} ({r[key]:.3g})", (0.01, r[key]), xycoords=("axes fraction", "data"),
                         va="bottom", fontsize=8, color="gray")  # fmt: skip
-    ax.set(xlabel="training step", ylabel="FID", title=title)
+    name = key.upper()
+    ax.set(xlabel="training step", ylabel=name, title=title or f"{name} during training")
     if curves:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

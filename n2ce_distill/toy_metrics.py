@@ -1,16 +1,23 @@
-"""Sample-quality metrics for 2-D toys: sliced Wasserstein-2, exact NLL under 8 Gaussians, mode coverage."""
+"""Sample-quality metrics for 2-D toys: sliced Wasserstein-2, exact NLL under 8 Gaussians, mode coverage.
+
+:func:`toy_report` is what ``n2ce-distill fid --ref 8gaussians`` (or ``spirals``, ``checkerboard``) computes for
+each input: the 2-D toys have no feature extractor, so their FID stand-in is SW2 against the toy itself.
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from .data import EightGaussians
+from .data import TOY_DISTRIBUTIONS, EightGaussians
 
-__all__ = ["sliced_wasserstein2", "eight_gaussians_report"]
+__all__ = ["sliced_wasserstein2", "eight_gaussians_report", "toy_report", "load_points"]
 
 NUM_PROJECTIONS = 256  # fixed directions: the metric is deterministic given the two sample sets
+REFERENCE_SEED = 12345  # the toy's reference sample: the same for every input, unrelated to their seeds
 
 
 def sliced_wasserstein2(x: torch.Tensor, y: torch.Tensor, num_projections: int = NUM_PROJECTIONS) -> float:
@@ -53,3 +60,32 @@ def eight_gaussians_report(samples: torch.Tensor, reference: torch.Tensor, dist:
         "mode_balance": float(shares.min() / fair),
         "off_mode_fraction": float(1 - inside.double().mean()),
     }
+
+
+def toy_report(samples: torch.Tensor, name: str) -> dict[str, float]:
+    """Metrics of 2-D ``samples`` against the toy ``name`` (a key of ``TOY_DISTRIBUTIONS``): SW2 against a
+    reference sample of the same size drawn with a fixed seed; for 8 Gaussians also the exact NLL and the mode
+    coverage of :func:`eight_gaussians_report`."""
+    if name not in TOY_DISTRIBUTIONS:
+        raise ValueError(f"unknown 2-D toy {name!r}; choose from {sorted(TOY_DISTRIBUTIONS)}")
+    if samples.dim() != 2 or samples.shape[1] != 2:
+        raise ValueError(f"the 2-D toy {name!r} needs (N, 2) points, got samples of shape {tuple(samples.shape)}")
+    dist = TOY_DISTRIBUTIONS[name]()
+    reference = dist.sample(len(samples), torch.Generator().manual_seed(REFERENCE_SEED))
+    if isinstance(dist, EightGaussians):
+        return eight_gaussians_report(samples, reference, dist)
+    return {"sw2": sliced_wasserstein2(samples, reference)}
+
+
+def load_points(path: str | Path) -> torch.Tensor:
+    """(N, 2) points from a ``.npy`` file, or from the ``samples.npy`` that ``n2ce-distill sample`` writes into
+    its output folder (read without pickles)."""
+    path = Path(path)
+    file = path / "samples.npy" if path.is_dir() else path
+    if not file.is_file() or file.suffix != ".npy":
+        raise ValueError(f"input {str(path)!r}: 2-D points are read from a .npy file or a folder holding samples.npy")
+    try:
+        points = torch.from_numpy(np.load(file, allow_pickle=False)).float()
+    except ValueError as error:  # a pickled or damaged array
+        raise ValueError(f"input {str(file)!r}: not a plain .npy array ({error})") from None
+    return points

@@ -3,9 +3,10 @@
     .venv/bin/python scripts/kill_resume_trials.py --trials 10 --out /tmp/kill-trials
 
 A tiny 8x8 DxMI run (untrained tiny teacher, 12 steps, a checkpoint every 2) is trained once straight through;
-each trial starts the same run, kills it with SIGKILL after a random delay (during set-up, a step or a
-checkpoint save), resumes it with ``--resume latest`` until it finishes, and compares every tensor of the final
-checkpoint (weights, EMA, optimiser states) with the straight run's, exactly. Prints one row per trial.
+each trial starts the same run and kills it with SIGKILL at a random moment (a random time after the start, or
+a random time after a random checkpoint appears: in set-up, a step, a checkpoint save or the final export),
+resumes it with ``--resume latest`` until it finishes, and compares every tensor of the final checkpoint
+(weights, EMA, optimiser states) with the straight run's, exactly. Prints one row per trial.
 """
 
 from __future__ import annotations
@@ -66,13 +67,24 @@ def main(argv: list[str] | None = None) -> int:
                    capture_output=True)
     straight_seconds = time.perf_counter() - started
     reference = final_tensors(args.out / "straight")
+    # seconds between two checkpoints of the straight run, from the last three it keeps
+    saved = [(args.out / "straight" / f"checkpoint-{step}").stat().st_mtime for step in (STEPS - 4, STEPS)]
+    interval = (saved[1] - saved[0]) / 2
     rng = random.Random(args.seed)
     rows, identical = [], 0
     for trial in range(args.trials):
         run = args.out / f"trial-{trial}"
-        delay = rng.uniform(0.2, 0.95) * straight_seconds
+        # set-up (imports, loading) takes most of a tiny run's time, so a delay drawn over the whole run would
+        # mostly kill it before step 1: wait for a random checkpoint instead (none: during set-up), then a
+        # random fraction of one checkpoint interval, so kills land in set-up, steps and saves alike
+        after = rng.choice([None, *range(2, STEPS + 1, 2)])
+        delay = rng.uniform(0.0, 1.0) * interval
         proc = subprocess.Popen([*CLI, str(recipe), *OVERRIDES, "--output-dir", str(run)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while after is not None and not (run / f"checkpoint-{after}").is_dir() and proc.poll() is None:
+            time.sleep(0.01)
+        if after is None:
+            delay = rng.uniform(0.1, 0.6) * straight_seconds
         time.sleep(delay)
         finished = proc.poll() is not None
         if not finished:
@@ -88,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         got = final_tensors(run)
         same = got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in reference)
         identical += same
-        rows.append([trial, f"{delay:.1f}", "no (finished first)" if finished else "yes",
+        moment = f"{delay:.2f} s after " + (f"checkpoint-{after}" if after is not None else "start")
+        rows.append([trial, moment, "no (finished first)" if finished else "yes",
                      ", ".join(left) or "none", ", ".join(partial) or "-", resumes, "yes" if same else "NO"])
-    print(markdown_table(["trial", "kill after (s)", "killed", "complete checkpoints left", "half-written left",
+    print(markdown_table(["trial", "kill", "killed", "complete checkpoints left", "half-written left",
                           "resumes", "final state identical"], rows))
-    print(f"\n{identical}/{args.trials} identical to the uninterrupted run ({straight_seconds:.1f} s straight)")
+    print(f"\n{identical}/{args.trials} identical to the uninterrupted run ({straight_seconds:.1f} s straight, "
+          f"{interval:.2f} s between checkpoints)")
     return 0 if identical == args.trials else 1
 
 

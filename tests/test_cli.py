@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,9 @@ def test_unreachable_hub_id_is_one_line_with_a_way_out(dxmi_recipe, tmp_path, ca
     from n2ce_distill import denoisers
 
     monkeypatch.setattr(denoisers, "_hub_reachable", lambda timeout=3.0: False)  # the offline CI machine, at once
+    # print warnings to stderr as a user's shell would (pytest would otherwise collect them out of sight)
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, lineno, file=None, line=None:
+                        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))
     out = tmp_path / "run"
     assert main(["train", str(dxmi_recipe), "teacher.path=nobody/no-such-teacher", *TINY, "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
