@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .data import DATASETS
+from .objectives import OBJECTIVES
+from .samplers import SPACINGS
 
 __all__ = [
     "ConfigError",
@@ -49,8 +53,21 @@ _NAMES_KEY = re.compile(r"^[\w.]+: ")  # a validator message that already starts
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def _registered(registry: dict | tuple, kind: str):
+    """A validator that takes a name only if ``registry`` holds it, read when a recipe is validated: the
+    registry is the one list of names (a new objective, data set or spacing is usable from a recipe once
+    registered)."""
+
+    def check(name: str) -> str:
+        if name not in registry:
+            raise ValueError(f"unknown {kind} {name!r}; choose from {', '.join(sorted(registry))}")
+        return name
+
+    return check
+
+
 class DataConfig(_Strict):
-    name: Literal["8gaussians", "spirals", "checkerboard", "digits", "image-folder", "cifar10"]
+    name: Annotated[str, AfterValidator(_registered(DATASETS, "data set"))]
     root: str | None = None  # image-folder / cifar10 location
     image_size: int | None = Field(None, ge=1)  # images are resized to this; must match the teacher
     num_points: int = Field(100_000, ge=1)  # size of a generated 2-D toy set
@@ -83,8 +100,8 @@ class TeacherNetConfig(_Strict):
 
 
 class CriticConfig(_Strict):
-    objective: Literal["cd", "nce", "n2ce", "nwj", "gan"] = "n2ce"
-    M: PositiveFloat = 100.0  # noise magnification; the paper used 100 at batch 128 (DxMI)
+    objective: Annotated[str, AfterValidator(_registered(OBJECTIVES, "objective"))] = "n2ce"
+    M: PositiveFloat = 100.0  # N²CE's noise magnification; the paper used 100 at batch 128 (DxMI)
     ratio_reg: float = Field(1.0, ge=0)  # gamma in gamma (E_d l^2 + E_n l^2); DxMI uses 1
     channels: list[int] = Field(default_factory=lambda: [128, 256])  # DxMI ResNet encoder widths
     num_res_blocks: int = Field(6, ge=1)
@@ -147,7 +164,7 @@ class DxMIConfig(_Strict):
 
     name: Literal["dxmi"]
     num_steps: int = Field(4, ge=1)  # T
-    spacing: Literal["auto", "karras", "quadratic", "uniform"] = "auto"
+    spacing: Annotated[str, AfterValidator(_registered(SPACINGS, "spacing"))] = "auto"
     tau1: float = Field(0.1, ge=0)  # entropy weight on -log s_k
     tau2: float = Field(0.01, ge=0)  # velocity regularisation weight
     velocity_momentum: float = Field(0.99, ge=0, lt=1)  # v_k <- m v_k + (1-m) mean ||dx||^2
@@ -207,7 +224,7 @@ class RecipeConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs_teacher(self) -> "RecipeConfig":
-        if self.method.name != "teacher" and self.teacher is None:
+        if not isinstance(self.method, TeacherTrainingConfig) and self.teacher is None:
             raise ValueError(f"teacher: method {self.method.name!r} distils a teacher; set teacher.path")
         if self.data.name == "image-folder" and not self.data.root:
             raise ValueError("data.root: the image-folder data set needs a folder")
@@ -261,7 +278,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-_METHODS: dict[str, type[BaseModel]] = {"teacher": TeacherTrainingConfig, "dxmi": DxMIConfig, "sid": SiDConfig}
+# method name -> its config section, read off the union's tags
+_METHODS: dict[str, type[BaseModel]] = {get_args(cls.model_fields["name"].annotation)[0]: cls
+                                         for cls in get_args(get_args(MethodConfig)[0])}
 
 
 def _known_keys(parents: tuple, method: type[BaseModel] | None) -> list[str]:

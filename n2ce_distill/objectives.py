@@ -152,14 +152,34 @@ def ratio_regularizer(ld: Tensor, ln: Tensor,
 
 
 class CriticObjective(ABC):
-    """A critic loss as a small callable holding its hyperparameters.
+    """A critic loss as a small callable holding its hyperparameters, and what a loop asks of it.
 
     ``objective(ld, ln, weight_data=None, weight_noise=None)`` returns the scalar loss to minimise:
     :meth:`loss` plus ``ratio_reg * (E_d l^2 + E_n l^2)``. ``M`` is the noise magnification for the
-    objectives that have one (N²CE) and ``None`` for the others.
+    objectives that have one (N²CE) and ``None`` for the others. A loop reads the objective's
+    :attr:`log_offset` (where a critic that cannot tell the two sides apart puts its logit) and its
+    consistent generator term :meth:`generator_loss`; a recipe sets the :meth:`parameters` its ``__init__``
+    takes, under ``critic.``. A new objective is a subclass registered in :data:`OBJECTIVES`.
     """
 
     M: float | None = None
+
+    @classmethod
+    def parameters(cls) -> tuple[str, ...]:
+        """The hyperparameters a recipe gives this objective besides ``ratio_reg`` (its ``__init__`` arguments)."""
+        return tuple(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ratio_reg"))
+
+    @property
+    def log_offset(self) -> float:
+        """The logit at which the loss's two sides balance when ``p = q``: 0, or ``log M`` for N²CE. Clamps and
+        the generator term are centred here."""
+        return 0.0
+
+    def generator_loss(self, l: Tensor, weight: Weight = None) -> Tensor:
+        """The generator's non-saturating term consistent with this objective, on logits of generated samples:
+        ``softplus(log_offset - l)`` (NCE / GAN ``-log D``; N²CE ``softplus(log M - l)``, gradient ``-M/(M+r)``)."""
+        offset = self.log_offset
+        return _generator_term(lambda x: F.softplus(offset - x), l, weight)
 
     def __init__(self, ratio_reg: float = 0.0):
         ratio_reg = float(ratio_reg)
@@ -198,6 +218,10 @@ class N2CE(CriticObjective):
         super().__init__(ratio_reg)
         self.M = _check_M(M)
 
+    @property
+    def log_offset(self) -> float:
+        return math.log(self.M)
+
     def loss(self, ld, ln, weight_data=None, weight_noise=None):
         return n2ce_loss(ld, ln, self.M, weight_data, weight_noise)
 
@@ -233,7 +257,7 @@ def build_objective(name: str, **kw) -> CriticObjective:
     Unknown keyword arguments (e.g. ``M`` for ``"nce"``) raise a ValueError rather than being ignored.
     """
     cls = _lookup(OBJECTIVES, name, "objective")
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = {*cls.parameters(), "ratio_reg"}
     unexpected = sorted(set(kw) - accepted)
     if unexpected:
         raise ValueError(f"objective {name!r} does not take {', '.join(unexpected)}; "

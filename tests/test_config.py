@@ -51,7 +51,7 @@ def test_one_key_swaps_the_objective(base):
         ("train.lr=0", "train.lr: Input should be greater than 0"),
         ("train.batch_size=0", "train.batch_size: Input should be greater than or equal to 1"),
         ("train.batch_size=many", "train.batch_size: Input should be a valid integer"),
-        ("critic.objective=bce", "critic.objective: Input should be 'cd', 'nce', 'n2ce', 'nwj' or 'gan'"),
+        ("critic.objective=bce", "critic.objective: unknown objective 'bce'; choose from cd, gan, n2ce, nce, nwj"),
         ("teacher.path=assets/missing-teacher", "teacher.path: folder 'assets/missing-teacher' not found"),
         ("data.name=image-folder", "data.root: the image-folder data set needs a folder"),
     ],

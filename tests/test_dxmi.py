@@ -9,9 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-from n2ce_distill.config import load_recipe
+from n2ce_distill.config import ConfigError, load_recipe
 from n2ce_distill.methods.dxmi import SAMPLER_CLIP, DxMI
-from n2ce_distill.objectives import CD, N2CE, NCE, NWJ
+from n2ce_distill.objectives import CD, N2CE, NCE, NWJ, OBJECTIVES, CriticObjective
 
 SHAPE = (1, 8, 8)  # digits
 B = 8
@@ -264,6 +264,25 @@ def test_critic_objective_follows_recipe(make_dxmi, name, cls):
         assert method.objective.M == 7.5
     else:
         assert method.objective.M is None
+
+
+class _Hinge(CriticObjective):
+    """A new objective written where a user would: one class (here, in the test) and one registry entry."""
+
+    def loss(self, ld, ln, weight_data=None, weight_noise=None):
+        return torch.relu(1 - ld).mean() + torch.relu(1 + ln).mean()
+
+
+def test_a_registered_objective_is_usable_from_a_recipe(make_dxmi, monkeypatch):
+    """Registering an objective is all it takes: the recipe validates it, the method trains with it."""
+    with pytest.raises(ConfigError, match="critic.objective: unknown objective 'hinge'; choose from cd, gan"):
+        make_dxmi("critic.objective=hinge")
+    monkeypatch.setitem(OBJECTIVES, "hinge", _Hinge)
+    method = make_dxmi("critic.objective=hinge", "critic.ratio_reg=0.5")
+    assert type(method.objective) is _Hinge and method.objective.ratio_reg == 0.5
+    calls = []
+    method.training_step(data_batch(), 0, make_update(method, calls))
+    assert "critic" in [call[0] for call in calls] and all(torch.isfinite(call[3]) for call in calls)
 
 
 def test_sampler_warmup_trains_the_critic_alone(make_dxmi):

@@ -346,6 +346,22 @@ def test_generator_term_values_and_gradients():
     torch.testing.assert_close(generator_n2ce_nonsat(l, 1.0), generator_nonsat(l))
 
 
+def test_each_objective_owns_its_offset_generator_term_and_parameters():
+    """What a loop asks of an objective: the logit offset (log M for N²CE, else 0), the consistent
+    non-saturating generator term softplus(offset - l), and the recipe parameters its __init__ takes."""
+    l = torch.linspace(-6, 6, 13, dtype=DTYPE)
+    for name, cls in OBJECTIVES.items():
+        objective = build_objective(name, **({"M": 20.0} if "M" in cls.parameters() else {}))
+        offset = math.log(20.0) if isinstance(objective, N2CE) else 0.0
+        assert objective.log_offset == pytest.approx(offset), name
+        torch.testing.assert_close(objective.generator_loss(l), F.softplus(offset - l).mean())
+    torch.testing.assert_close(N2CE(M=20.0).generator_loss(l), generator_n2ce_nonsat(l, 20.0))
+    torch.testing.assert_close(NCE().generator_loss(l), generator_nonsat(l))
+    w = torch.rand(13, dtype=DTYPE)
+    torch.testing.assert_close(N2CE(M=5.0).generator_loss(l, weight=w), (w * F.softplus(math.log(5.0) - l)).mean())
+    assert N2CE.parameters() == ("M",) and NCE.parameters() == CD.parameters() == NWJ.parameters() == ()
+
+
 def test_build_generator_loss():
     l = torch.randn(6)
     assert set(GENERATOR_LOSSES) == {"minimax", "nonsat", "n2ce_nonsat", "kl", "mle"}

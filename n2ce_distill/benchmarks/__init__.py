@@ -13,20 +13,38 @@ table and saves a PNG plot into ``out``. ``n2ce-distill bench NAME [--quick] [--
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from importlib import import_module
 from typing import Callable
-
-from . import chasm, distill, gauss_distill, mle_gradient, overhead, u_curve
 
 __all__ = ["BENCHMARKS"]
 
-BENCHMARKS: dict[str, Callable[..., str]] = {
-    "chasm": chasm.run,
-    "mle_gradient": mle_gradient.run,
-    "u_curve": u_curve.run,
-    "overhead": overhead.run,
-    "gauss_distill": gauss_distill.run,
-    "dxmi_toy": distill.run_dxmi_toy,
-    "dxmi_digits": distill.run_dxmi_digits,
-    "sid_digits": distill.run_sid_digits,
-}
+
+class _Registry(Mapping):
+    """Benchmark name -> ``run(quick, out) -> str``, importing a benchmark's module only when it is looked up,
+    so ``n2ce-distill --help`` lists the names without importing the benchmarks."""
+
+    def __init__(self, entries: dict[str, str]):
+        self._entries = entries  # name -> "module:function" inside this package
+
+    def __getitem__(self, name: str) -> Callable[..., str]:
+        module, function = self._entries[name].split(":")
+        return getattr(import_module(f"{__name__}.{module}"), function)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+BENCHMARKS = _Registry({
+    "chasm": "chasm:run",
+    "mle_gradient": "mle_gradient:run",
+    "u_curve": "u_curve:run",
+    "overhead": "overhead:run",
+    "gauss_distill": "gauss_distill:run",
+    "dxmi_toy": "distill:run_dxmi_toy",
+    "dxmi_digits": "distill:run_dxmi_digits",
+    "sid_digits": "distill:run_sid_digits",
+})

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..diagnostics import REGIMES, critic_diagnostics
-from ..objectives import build_objective, generator_n2ce_nonsat
+from ..objectives import build_objective
 from .chasm import QuadraticCritic, block_correlation, block_covariance, sample_p
 from .report import markdown_table, new_figure, save_figure, single_thread
 
@@ -139,7 +139,7 @@ class Run:
 def _generator_term(objective, logits: Tensor, reward: str) -> Tensor:
     if reward == "kl":
         return -logits.mean()
-    return generator_n2ce_nonsat(logits, M=objective.M or 1.0)
+    return objective.generator_loss(logits)
 
 
 def train(setting: Setting, objective_label: str, seed: int, iterations: int = ITERATIONS) -> Run:

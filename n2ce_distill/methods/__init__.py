@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from torch.utils.data import Dataset
 
-from ..config import RecipeConfig
+from ..config import DxMIConfig, RecipeConfig, SiDConfig, TeacherTrainingConfig
 from .base import Method, StepOutput, Update
 
 __all__ = ["Method", "StepOutput", "Update", "build_method"]
 
 
 def build_method(recipe: RecipeConfig, dataset: Dataset) -> Method:
-    """The method named by ``recipe.method.name``, sized to the data set's samples."""
+    """The method whose config section the recipe holds (``recipe.method``), sized to the data set's samples."""
     from .dxmi import DxMI
     from .sid import SiD
     from .teacher import TeacherTraining
 
     sample_shape = tuple(dataset[0].shape)
-    methods = {"teacher": TeacherTraining, "dxmi": DxMI, "sid": SiD}
-    return methods[recipe.method.name](recipe, sample_shape)
+    methods = {TeacherTrainingConfig: TeacherTraining, DxMIConfig: DxMI, SiDConfig: SiD}
+    return methods[type(recipe.method)](recipe, sample_shape)

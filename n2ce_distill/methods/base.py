@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import CriticConfig, RecipeConfig
 from ..denoisers import Denoiser, load_denoiser
-from ..objectives import CriticObjective, build_objective
+from ..objectives import OBJECTIVES, CriticObjective, build_objective
 
 __all__ = ["Method", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
 
@@ -111,9 +111,10 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def critic_objective(cfg: CriticConfig) -> CriticObjective:
-    """The recipe's critic objective with its log-ratio regulariser (M only where the objective has it)."""
-    kwargs = {"M": cfg.M} if cfg.objective == "n2ce" else {}
-    return build_objective(cfg.objective, ratio_reg=cfg.ratio_reg, **kwargs)
+    """The recipe's critic objective with its log-ratio regulariser and the parameters it takes (``critic.M``
+    for N²CE)."""
+    parameters = OBJECTIVES[cfg.objective].parameters()
+    return build_objective(cfg.objective, ratio_reg=cfg.ratio_reg, **{name: getattr(cfg, name) for name in parameters})
 
 
 def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...]) -> Denoiser:

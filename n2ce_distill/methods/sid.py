@@ -19,7 +19,6 @@ the critic terms then follows the ratio of pixels to logit positions, as in SiDA
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 
 from ..config import RecipeConfig
 from ..fewstep import FewStepSampler
-from ..objectives import build_generator_loss
+from ..objectives import generator_reverse_kl
 from ..pipelines import FewStepPipeline
 from .base import Method, StepOutput, Update, critic_objective, load_teacher, unwrap
 
@@ -65,9 +64,8 @@ class SiD(Method):
         self.nets["generator"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, last_scale=0.0)
         self.encoder = EncoderLogits(self.nets["fake_score"].net) if opts.adversarial else None
         self.objective = critic_objective(recipe.critic)
-        self.M = self.objective.M or 1.0  # the objective's noise magnification; NCE's is 1
-        name = {"kl": "kl", "nonsat": "nonsat" if self.objective.M is None else "n2ce_nonsat"}[opts.generator_loss]
-        self.generator_term = build_generator_loss(name, M=self.M if name == "n2ce_nonsat" else None)
+        # nonsat: the objective's own consistent term (softplus(log M - l) for N²CE); kl: the reward -l
+        self.generator_term = self.objective.generator_loss if opts.generator_loss == "nonsat" else generator_reverse_kl
 
     @property
     def ema_name(self) -> str:
@@ -89,8 +87,8 @@ class SiD(Method):
         clamp = self.recipe.method.logit_clamp
         if clamp is None:
             return logits
-        log_m = math.log(self.M)  # clamp l - log M, never l itself: clamping l at +-10 kills N²CE's gradients
-        return logits.clamp(log_m - clamp, log_m + clamp)
+        offset = self.objective.log_offset  # clamp l - log M, never l itself: clamping l at +-10 kills N²CE's gradients
+        return logits.clamp(offset - clamp, offset + clamp)
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
         opts, sd = self.recipe.method, unwrap(self.nets["fake_score"]).sigma_data
