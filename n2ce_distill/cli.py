@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from .errors import InputError
 
 __all__ = ["main"]
 
@@ -80,7 +81,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     name = args.name.replace("-", "_")  # mle-gradient and mle_gradient both work
     if name not in BENCHMARKS:
-        raise ValueError(f"bench: unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
+        raise InputError(f"bench: unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
     out = Path(args.out or f"bench-output/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     print(BENCHMARKS[name](quick=args.quick, out=out))
@@ -196,11 +197,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .checkpoints import CheckpointError
-    from .config import ConfigError
+    from .errors import InputError
 
     try:
         args.run(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except (InputError, CheckpointError, FileNotFoundError) as exc:  # bad input: one line; anything else is a bug
         print(f"n2ce-distill {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
     return 0

@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DATASETS
+from .errors import InputError
 from .objectives import OBJECTIVES
 from .samplers import SPACINGS
 
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A recipe problem, reported in one line that names the key or path at fault."""
 
 

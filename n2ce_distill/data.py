@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .errors import InputError
+
 __all__ = ["DATASETS", "TOY_DISTRIBUTIONS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset", "InfiniteLoader",
            "TwoSpirals", "build_dataset", "cifar10", "digits", "infinite_loader"]
 
@@ -117,7 +119,7 @@ def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0, labels
     y = torch.as_tensor(bunch.target, dtype=torch.long)
     if split != "all":
         if split not in ("train", "test"):
-            raise ValueError(f"digits split must be 'all', 'train' or 'test', got {split!r}")
+            raise InputError(f"digits split must be 'all', 'train' or 'test', got {split!r}")
         perm = torch.as_tensor(np.random.RandomState(seed).permutation(len(x)))
         n_test = int(round(test_fraction * len(x)))
         idx = perm[n_test:] if split == "train" else perm[:n_test]
@@ -133,17 +135,17 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3, labels: bool = False):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise ValueError(f"image folder {self.root} does not exist")
+            raise InputError(f"image folder {self.root} does not exist")
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
         if not self.files:
-            raise ValueError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found under {self.root}")
+            raise InputError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found under {self.root}")
         self.image_size, self.mode = image_size, {1: "L", 3: "RGB"}[channels]
         self.classes, self.targets = [], None
         if labels:
             parts = [p.relative_to(self.root).parts for p in self.files]
             self.classes = sorted({q[0] for q in parts})
             if any(len(q) == 1 for q in parts):
-                raise ValueError(f"labels=True needs every image inside a class subfolder of {self.root}")
+                raise InputError(f"labels=True needs every image inside a class subfolder of {self.root}")
             self.targets = [self.classes.index(q[0]) for q in parts]
 
     def __len__(self) -> int:
@@ -171,7 +173,7 @@ def cifar10(root: str | os.PathLike, train: bool = True, download: bool = True, 
     try:
         ds = CIFAR10(str(root), train=train, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
-        raise ValueError(f"CIFAR-10 not found under {root} ({err}); pass download=True to fetch it") from err
+        raise InputError(f"CIFAR-10 not found under {root} ({err}); pass download=True to fetch it") from err
     x = torch.as_tensor(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
     return ArrayDataset(x, torch.as_tensor(ds.targets, dtype=torch.long) if labels else None)
 
@@ -194,7 +196,7 @@ def build_dataset(name: str, **kwargs) -> Dataset:
     distribution's parameters; digits: ``split``, ``labels``; image-folder: ``root``, ``image_size``; cifar10:
     ``root``, ``train``, ``download``, ``labels``)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     return DATASETS[name](**kwargs)
 
 
@@ -210,7 +212,7 @@ class InfiniteLoader:
                  num_workers: int = 0, pin_memory: bool = False):
         n = len(dataset)
         if batch_size < 1 or (drop_last and batch_size > n) or n == 0:
-            raise ValueError(f"batch_size {batch_size} does not fit a dataset of {n} items (drop_last={drop_last})")
+            raise InputError(f"batch_size {batch_size} does not fit a dataset of {n} items (drop_last={drop_last})")
         self.dataset, self.batch_size, self.seed, self.drop_last = dataset, batch_size, int(seed), drop_last
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.epoch, self.index, self._it = 0, 0, None

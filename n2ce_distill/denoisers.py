@@ -24,6 +24,7 @@ from diffusers import EDMEulerScheduler, UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from torch import nn
 
+from .errors import InputError
 from .nets import ToyMLP
 
 __all__ = ["C_NOISE", "Denoiser", "EDMDenoiser", "VPEpsilonDenoiser", "denoiser_from_components", "load_denoiser"]
@@ -138,7 +139,7 @@ class EDMDenoiser(Denoiser):
                  c_noise: str = "edm", p_mean: float = -1.2, p_std: float = 1.2):
         super().__init__()
         if c_noise not in C_NOISE:
-            raise ValueError(f"unknown c_noise convention {c_noise!r}; choose from {sorted(C_NOISE)}")
+            raise InputError(f"unknown c_noise convention {c_noise!r}; choose from {sorted(C_NOISE)}")
         self.net, self.c_noise, self.p_mean, self.p_std = net, c_noise, float(p_mean), float(p_std)
         self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
 
@@ -176,7 +177,7 @@ class VPEpsilonDenoiser(Denoiser):
     def __init__(self, unet: nn.Module, scheduler, sigma_data: float = 0.5):
         super().__init__()
         if (prediction := scheduler.config.get("prediction_type", "epsilon")) != "epsilon":
-            raise ValueError(f"VPEpsilonDenoiser needs epsilon prediction, got prediction_type={prediction!r}")
+            raise InputError(f"VPEpsilonDenoiser needs epsilon prediction, got prediction_type={prediction!r}")
         self.net, self.scheduler, self.sigma_data = unet, scheduler, float(sigma_data)
         abar = scheduler.alphas_cumprod.to(torch.float64)
         # a plain fp32 attribute, not a buffer: rebuilt from scheduler/ on load, and .half() must not round it
@@ -227,7 +228,7 @@ def denoiser_from_components(net: nn.Module, scheduler, c_noise: str | None = No
                            c_noise=c_noise or settings.get("c_noise", _EDM_SCHEDULERS[name]),
                            p_mean=settings.get("p_mean", -1.2), p_std=settings.get("p_std", 1.2))
     if not hasattr(scheduler, "alphas_cumprod"):
-        raise ValueError(f"scheduler {name} is neither EDM-type nor a discrete VP schedule")
+        raise InputError(f"scheduler {name} is neither EDM-type nor a discrete VP schedule")
     return VPEpsilonDenoiser(net, scheduler, sigma_data=settings.get("sigma_data", 0.5))
 
 
@@ -298,9 +299,9 @@ def _load_denoiser(root: str, c_noise: str | None, from_pretrained_kwargs: dict)
     scheduler_config = EDMEulerScheduler.load_config(root, subfolder="scheduler", **hub_kwargs)
     scheduler_cls = getattr(diffusers, str(scheduler_config.get("_class_name")), None)
     if scheduler_cls is None:
-        raise ValueError(f"{root}: unknown scheduler class {scheduler_config.get('_class_name')!r} in scheduler/")
+        raise InputError(f"{root}: unknown scheduler class {scheduler_config.get('_class_name')!r} in scheduler/")
     net_name = UNet2DModel.load_config(root, subfolder="unet", **hub_kwargs).get("_class_name")
     if net_name not in _NET_CLASSES:
-        raise ValueError(f"{root}: unet/ holds a {net_name!r}; supported nets: {sorted(_NET_CLASSES)}")
+        raise InputError(f"{root}: unet/ holds a {net_name!r}; supported nets: {sorted(_NET_CLASSES)}")
     net = _NET_CLASSES[net_name].from_pretrained(root, subfolder="unet", **from_pretrained_kwargs)
     return denoiser_from_components(net, scheduler_cls.from_config(scheduler_config), c_noise, index.get(_INDEX_KEY))

@@ -25,6 +25,7 @@ import time
 import torch
 
 from .checkpoints import list_checkpoints
+from .errors import InputError
 from .pipelines import load_sample_source
 
 __all__ = ["EvalInput", "DEFAULT_SAMPLES", "resolve_source", "resolve_inputs", "default_extractor", "evaluate_inputs"]
@@ -55,7 +56,7 @@ def resolve_source(spec: str, device: str = "cpu") -> tuple[str, Generate]:
     if at:
         steps, _, method = steps_part.partition(":")
         if not steps.isdigit() or method not in ("", "ancestral", "euler"):
-            raise ValueError(f"input {spec!r}: expected PATH@STEPS[:ancestral|euler]")
+            raise InputError(f"input {spec!r}: expected PATH@STEPS[:ancestral|euler]")
         method = method or "ancestral"
         return f"{path.name} {method} {steps} steps", load_sample_source(path, steps=int(steps), method=method, device=device)
     if _is_run(path) and not (path / "model_index.json").is_file():
@@ -108,7 +109,7 @@ def _toy_metrics(item: EvalInput, ref: str, count: int | None, batch_size: int, 
     try:
         report = toy_report(points, ref)
     except ValueError as error:
-        raise ValueError(f"input {item.label!r}: {error}") from None
+        raise InputError(f"input {item.label!r}: {error}") from None
     return {**report, "num_samples": len(points), "seconds": time.perf_counter() - start}
 
 
@@ -135,7 +136,7 @@ def evaluate_inputs(
 
     toy = ref in TOY_DISTRIBUTIONS
     if toy and (kid or prc or extractor not in (None, "auto")):
-        raise ValueError(f"--ref {ref}: a 2-D toy is scored by SW2 and NLL; --kid, --prc and --extractor are for images")
+        raise InputError(f"--ref {ref}: a 2-D toy is scored by SW2 and NLL; --kid, --prc and --extractor are for images")
     rows = []
     for item in resolve_inputs(specs):
         count = num_samples if num_samples is not None or isinstance(item.source, Path) else DEFAULT_SAMPLES

@@ -39,6 +39,7 @@ from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id
 
+from .errors import InputError
 from .feature_extractors import DIGITS_EXTRACTOR_DIR, register_digits_extractor
 from .fid_inputs import (
     NAMED_REFERENCES,
@@ -81,10 +82,10 @@ def _tensors_only_copy(weights: Path, scratch: Path) -> Path:
         else:
             state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (whatever the reason, the file is not a plain state dict)
-        raise ValueError(f"extractor weights {str(weights)!r}: not a tensors-only state dict "
+        raise InputError(f"extractor weights {str(weights)!r}: not a tensors-only state dict "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"extractor weights {str(weights)!r}: expected a state dict of tensors")
+        raise InputError(f"extractor weights {str(weights)!r}: expected a state dict of tensors")
     copy = scratch / "weights.pt"
     torch.save(state, copy)
     return copy
@@ -102,7 +103,7 @@ def _resolve_extractor(extractor: str, data, seed: int, device: torch.device, we
         return extractor, str(path), file_hash(check_path(path, "digits extractor weights"))
     if extractor not in FEATURE_EXTRACTORS_REGISTRY:
         known = ", ".join(FEATURE_EXTRACTORS_REGISTRY)
-        raise ValueError(f"unknown feature extractor {extractor!r}; known: auto, {known}")
+        raise InputError(f"unknown feature extractor {extractor!r}; known: auto, {known}")
     if weights is None and extractor == INCEPTION:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
         weights = cached if cached.is_file() else None
@@ -113,7 +114,7 @@ def _resolve_extractor(extractor: str, data, seed: int, device: torch.device, we
         )
     path = check_path(weights, f"{extractor} weights")
     if path.is_dir():
-        raise ValueError(f"{extractor} weights {str(path)!r}: a folder; pass the weights file itself")
+        raise InputError(f"{extractor} weights {str(path)!r}: a folder; pass the weights file itself")
     return extractor, str(_tensors_only_copy(path, scratch)), file_hash(path)
 
 
@@ -178,7 +179,7 @@ def evaluate_samples(
         rgb = name != "digits"
         input2, cache_name, n_ref, stats = reference_input(ref, rgb, tag)
         if stats is not None and (kid or prc):
-            raise ValueError("KID and precision/recall need reference images, not a statistics file")
+            raise InputError("KID and precision/recall need reference images, not a statistics file")
         # seed the global generators too (restored on exit), for sources that ignore ``generator``
         torch.random.default_generator.manual_seed(seed)
         if device.type == "cuda":
@@ -205,9 +206,9 @@ def _fid(mine: dict, theirs: dict | None, stats: dict | None, name: str, layer: 
     if theirs is not None:
         return float(fid_statistics_to_metric(ours, fid_featuresdict_to_statistics(theirs, layer), verbose)[KEY_FID])
     if "extractor" in stats and str(stats["extractor"]) != name:
-        raise ValueError(f"statistics were computed with extractor {stats['extractor']}, not {name}")
+        raise InputError(f"statistics were computed with extractor {stats['extractor']}, not {name}")
     if stats["mu"].shape != ours["mu"].shape:
-        raise ValueError(f"statistics have dimension {stats['mu'].shape[0]}, extractor {name} {ours['mu'].shape[0]}")
+        raise InputError(f"statistics have dimension {stats['mu'].shape[0]}, extractor {name} {ours['mu'].shape[0]}")
     given = {k: stats[k].astype(ours[k].dtype) for k in ("mu", "sigma")}
     return float(fid_statistics_to_metric(ours, given, verbose)[KEY_FID])
 
@@ -229,7 +230,7 @@ def save_reference_stats(
         name, weights, tag = _resolve_extractor(extractor, ref, 0, device, inception_weights, Path(scratch))
         input2, cache_name, n_ref, stats = reference_input(ref, name != "digits", tag)
         if stats is not None:
-            raise ValueError(f"{ref} already holds statistics")
+            raise InputError(f"{ref} already holds statistics")
         kwargs = _fidelity_kwargs(name, weights, device, batch_size, 0, False) | {"input2": input2}
         fe, layers = _feature_extractor(name, kwargs)
         stats = fid_featuresdict_to_statistics(_reference_features(fe, cache_root, cache_name, kwargs), layers["fid"])

@@ -20,6 +20,7 @@ from torch_fidelity import GenerativeModelBase
 from torch_fidelity.datasets import ImagesPathDataset
 from torch_fidelity.utils import glob_samples_paths
 
+from .errors import InputError
 from .feature_extractors import digits_uint8
 
 __all__ = [
@@ -54,7 +55,7 @@ def load_named_reference(name: str) -> torch.Tensor:
     try:
         data = CIFAR10(str(root), train=True, download=True).data
     except OSError as error:  # offline: urllib's errors are OSErrors
-        raise ValueError(f"reference {name!r}: not under {root} and the download failed ({error}); put torchvision's "
+        raise InputError(f"reference {name!r}: not under {root} and the download failed ({error}); put torchvision's "
                          "CIFAR-10 archive there, or pass an image folder or a .npz statistics file") from None
     return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
 
@@ -81,7 +82,7 @@ class LazyReference(Dataset):
 def to_uint8(x: torch.Tensor, rgb: bool) -> torch.Tensor:
     """[-1, 1] float (B, 1|3, H, W) -> uint8 [0, 255]; ``rgb`` repeats grey to 3 channels."""
     if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"a source must return images (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
+        raise InputError(f"a source must return images (B, 1 or 3, H, W), got shape {tuple(x.shape)}")
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.repeat(1, 3, 1, 1) if rgb and x.shape[1] == 1 else x
 
@@ -135,7 +136,7 @@ def image_files(folder) -> list[str]:
         raise NotADirectoryError(f"not an image folder: {folder}")
     files = glob_samples_paths(str(folder), False, IMAGE_EXTENSIONS, verbose=False)
     if not files:
-        raise ValueError(f"no images ({IMAGE_EXTENSIONS}) in folder {folder}")
+        raise InputError(f"no images ({IMAGE_EXTENSIONS}) in folder {folder}")
     return files
 
 
@@ -171,14 +172,14 @@ def reference_input(ref, rgb: bool, tag: str):
         return LazyReference(ref, rgb), f"{ref}-{tag}", NAMED_REFERENCES[ref][1], None
     path = Path(ref)
     if not path.exists() and isinstance(ref, str) and not path.suffix and len(path.parts) == 1:
-        raise ValueError(
+        raise InputError(
             f"unknown reference {ref!r}: not a named dataset ({', '.join(NAMED_REFERENCES)}), "
             "an existing image folder or a .npz statistics file"
         )
     if check_path(ref, "reference").suffix == ".npz":
         with np.load(path) as z:
             if not {"mu", "sigma"} <= set(z.files):
-                raise ValueError(f"statistics file {ref} lacks mu and sigma (has {', '.join(z.files)})")
+                raise InputError(f"statistics file {ref} lacks mu and sigma (has {', '.join(z.files)})")
             return None, None, None, {k: z[k] for k in z.files}
     files = image_files(path)
     listing = (f"{Path(f).name}:{Path(f).stat().st_size}:{Path(f).stat().st_mtime_ns}".encode() for f in files)
@@ -189,10 +190,10 @@ def source_input(source, num_samples: int | None, rgb: bool, seed: int, device: 
     """(torch-fidelity input1, number of samples) for a callable (seeded generator) or an image folder."""
     if callable(source):
         if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer for a callable source, got {num_samples}")
+            raise InputError(f"num_samples must be a positive integer for a callable source, got {num_samples}")
         return StreamingSource(source, torch.Generator(device).manual_seed(seed), rgb), num_samples
     files = image_files(source)
     if num_samples is not None and num_samples > len(files):
-        raise ValueError(f"num_samples={num_samples} but folder {source} holds {len(files)} images")
+        raise InputError(f"num_samples={num_samples} but folder {source} holds {len(files)} images")
     files = files[:num_samples]
     return ImagesPathDataset(files), len(files)

@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from .denoisers import denoiser_from_components, load_denoiser
+from .errors import InputError
 from .fewstep import FewStepSampler
 from .samplers import teacher_sample
 
@@ -92,22 +93,22 @@ class FewStepPipeline(DiffusionPipeline):
         latents to return)."""
         sampler = self.sampler()
         if num_inference_steps is not None and num_inference_steps != sampler.num_steps:
-            raise ValueError(f"num_inference_steps: this student was distilled to {sampler.num_steps} steps and "
+            raise InputError(f"num_inference_steps: this student was distilled to {sampler.num_steps} steps and "
                              f"samples with exactly those, got {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type: {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
+            raise InputError(f"output_type: {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}"
                              + (" (a pixel-space student has no latents)" if output_type == "latent" else ""))
         noise = None
         if isinstance(generator, list):
             if len(generator) != batch_size:
-                raise ValueError(f"generator: a list of {len(generator)} generators for batch_size {batch_size}")
+                raise InputError(f"generator: a list of {len(generator)} generators for batch_size {batch_size}")
             device, generators, generator = sampler.sigmas.device, generator, None
             noise = lambda shape: torch.cat([  # noqa: E731  (each sample from its own generator)
                 torch.randn((1, *shape[1:]), generator=g, device=g.device).to(device) for g in generators])
         samples = clamp_images(sampler.sample(batch_size, generator=generator, noise=noise))
         if samples.dim() != 4:  # 2-D points: only tensors make sense
             if output_type == "pil":
-                raise ValueError("output_type: 'pil' needs image samples; use 'pt' or 'np' for vector data")
+                raise InputError("output_type: 'pil' needs image samples; use 'pt' or 'np' for vector data")
             images = samples.cpu().numpy() if output_type == "np" else samples
         elif output_type == "pt":
             images = samples
@@ -134,7 +135,7 @@ def load_sample_source(
         sampler = pipe.sampler()
         return torch.no_grad()(lambda n, g: clamp_images(sampler.sample(n, generator=g)))
     if steps is None:
-        raise ValueError(f"{path}: a teacher needs a number of sampling steps (PATH@STEPS)")
+        raise InputError(f"{path}: a teacher needs a number of sampling steps (PATH@STEPS)")
     denoiser = load_denoiser(str(path)).to(device).eval()
     return torch.no_grad()(
         lambda n, g: clamp_images(teacher_sample(denoiser, n, steps=steps, method=method, spacing=spacing, generator=g))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .data import TOY_DISTRIBUTIONS, EightGaussians
+from .errors import InputError
 
 __all__ = ["sliced_wasserstein2", "eight_gaussians_report", "toy_report", "load_points"]
 
@@ -67,9 +68,9 @@ def toy_report(samples: torch.Tensor, name: str) -> dict[str, float]:
     reference sample of the same size drawn with a fixed seed; for 8 Gaussians also the exact NLL and the mode
     coverage of :func:`eight_gaussians_report`."""
     if name not in TOY_DISTRIBUTIONS:
-        raise ValueError(f"unknown 2-D toy {name!r}; choose from {sorted(TOY_DISTRIBUTIONS)}")
+        raise InputError(f"unknown 2-D toy {name!r}; choose from {sorted(TOY_DISTRIBUTIONS)}")
     if samples.dim() != 2 or samples.shape[1] != 2:
-        raise ValueError(f"the 2-D toy {name!r} needs (N, 2) points, got samples of shape {tuple(samples.shape)}")
+        raise InputError(f"the 2-D toy {name!r} needs (N, 2) points, got samples of shape {tuple(samples.shape)}")
     dist = TOY_DISTRIBUTIONS[name]()
     reference = dist.sample(len(samples), torch.Generator().manual_seed(REFERENCE_SEED))
     if isinstance(dist, EightGaussians):
@@ -83,9 +84,9 @@ def load_points(path: str | Path) -> torch.Tensor:
     path = Path(path)
     file = path / "samples.npy" if path.is_dir() else path
     if not file.is_file() or file.suffix != ".npy":
-        raise ValueError(f"input {str(path)!r}: 2-D points are read from a .npy file or a folder holding samples.npy")
+        raise InputError(f"input {str(path)!r}: 2-D points are read from a .npy file or a folder holding samples.npy")
     try:
         points = torch.from_numpy(np.load(file, allow_pickle=False)).float()
     except ValueError as error:  # a pickled or damaged array
-        raise ValueError(f"input {str(file)!r}: not a plain .npy array ({error})") from None
+        raise InputError(f"input {str(file)!r}: not a plain .npy array ({error})") from None
     return points

@@ -26,6 +26,7 @@ from . import checkpoints
 from .config import DataConfig, RecipeConfig
 from .data import build_dataset, infinite_loader
 from .diagnostics import REGIMES, RegimeMonitor, critic_diagnostics
+from .errors import InputError
 from .methods import StepOutput, build_method
 from .visualize import save_samples
 
@@ -60,16 +61,16 @@ class Trainer:
                  overwrite: bool = False):
         self.recipe, self.output_dir = recipe, Path(output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise ValueError(f"--output-dir {str(self.output_dir)!r}: exists and is not a folder")
+            raise InputError(f"--output-dir {str(self.output_dir)!r}: exists and is not a folder")
         existing = next(p for p in (self.output_dir, *self.output_dir.absolute().parents) if p.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"--output-dir {str(self.output_dir)!r}: {str(existing)!r} is not writable")
+            raise InputError(f"--output-dir {str(self.output_dir)!r}: {str(existing)!r} is not writable")
         if recipe.eval.fid_every:
             _check_reference(recipe.eval.ref or recipe.data.name)
         earlier = checkpoints.run_artefacts(self.output_dir)
         if earlier and not resume and not overwrite:
             names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
-            raise ValueError(f"--output-dir {str(self.output_dir)!r} already holds a run ({names}): pass --resume "
+            raise InputError(f"--output-dir {str(self.output_dir)!r} already holds a run ({names}): pass --resume "
                              "latest to continue it or --overwrite to start over")
         train = recipe.train
         _check_tracker(train.log_with)
@@ -94,7 +95,7 @@ class Trainer:
         self._prepare(self.method.optimizers())
         world = self.accelerator.num_processes
         if train.batch_size % world:
-            raise ValueError(f"train.batch_size: {train.batch_size} is not divisible by {world} processes")
+            raise InputError(f"train.batch_size: {train.batch_size} is not divisible by {world} processes")
         self.loader = infinite_loader(self.dataset, train.batch_size, recipe.seed)
         self.step, self.skipped_steps, self.best_fid = 0, 0, math.inf
         self.regimes, self._regime, self._fid_label = RegimeMonitor(), None, None
@@ -306,7 +307,7 @@ class Trainer:
         try:
             self.accelerator.load_state(str(path))
         except RuntimeError as error:  # size mismatches: a checkpoint of other networks
-            raise ValueError(f"--resume {str(path)!r}: its weights do not fit this recipe's networks "
+            raise InputError(f"--resume {str(path)!r}: its weights do not fit this recipe's networks "
                              f"({str(error).strip().splitlines()[0][:200]})") from None
         for name, opt in self.optimizers.items():
             for index, (group, lr) in enumerate(zip(opt.param_groups, recipe_lrs[name])):
@@ -328,10 +329,10 @@ def _check_tracker(name: str) -> None:
 
     known = [t.value for t in LoggerType if t.value != "all"]
     if name not in known:
-        raise ValueError(f"train.log_with: unknown tracker {name!r}; Accelerate knows {', '.join(known)}")
+        raise InputError(f"train.log_with: unknown tracker {name!r}; Accelerate knows {', '.join(known)}")
     available = [t.value for t in get_available_trackers()]
     if name not in available:
-        raise ValueError(f"train.log_with: tracker {name!r} is not installed (installed: {', '.join(available)}); "
+        raise InputError(f"train.log_with: tracker {name!r} is not installed (installed: {', '.join(available)}); "
                          f"pip install {name} or use tensorboard")
 
 
@@ -343,7 +344,7 @@ def _check_reference(ref: str) -> None:
     try:
         reference_input(ref, rgb=False, tag="startup-check")
     except (ValueError, FileNotFoundError) as error:
-        raise ValueError(f"eval.ref: {error}") from None
+        raise InputError(f"eval.ref: {error}") from None
 
 
 def _check_fixed_keys(saved: dict | None, current: dict, path: Path) -> None:
@@ -355,7 +356,7 @@ def _check_fixed_keys(saved: dict | None, current: dict, path: Path) -> None:
     for key in sorted(set(saved) | set(current)):
         if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_ON_RESUME):
             if saved.get(key) != current.get(key):
-                raise ValueError(f"{key}: cannot change on resume (checkpoint {path.name} has "
+                raise InputError(f"{key}: cannot change on resume (checkpoint {path.name} has "
                                  f"{saved.get(key)!r}, the recipe {current.get(key)!r})")
 
 

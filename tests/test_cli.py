@@ -262,3 +262,18 @@ def test_bench_writes_a_fresh_folder_by_default(tmp_path, monkeypatch, capsys):
     assert folder.name.startswith("mle_gradient-") and (folder / "mle_gradient.png").is_file()
     assert capsys.readouterr().out.rstrip().endswith(f"plots in {Path('bench-output') / folder.name}")
     assert not (tmp_path / "benchmarks").exists()
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only bad input is one line and exit 2: a ValueError from a bug propagates (traceback, exit 1)."""
+    from n2ce_distill import evaluation
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(evaluation, "evaluate_inputs", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["fid", str(tmp_path), "--ref", "digits"])
+    result = subprocess.run([sys.executable, "-m", "n2ce_distill.cli", "bench", "no-such-bench"], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1  # bad input stays one line

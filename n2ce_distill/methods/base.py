@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import CriticConfig, RecipeConfig
 from ..denoisers import Denoiser, load_denoiser
+from ..errors import InputError
 from ..objectives import OBJECTIVES, CriticObjective, build_objective
 
 __all__ = ["Method", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
@@ -130,9 +131,9 @@ def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...]) -> Denoise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hint = (f"; download it where there is a network (huggingface-cli download {path} --local-dir DIR) "
                 "and set teacher.path=DIR" if not Path(path).exists() else "")
-        raise ValueError(f"teacher.path {path!r}: cannot load the teacher ({reason[:200]}){hint}") from None
+        raise InputError(f"teacher.path {path!r}: cannot load the teacher ({reason[:200]}){hint}") from None
     if tuple(teacher.sample_shape) != tuple(sample_shape):
-        raise ValueError(
+        raise InputError(
             f"data.image_size: data samples have shape {tuple(sample_shape)} but teacher "
             f"{recipe.teacher.path!r} expects {tuple(teacher.sample_shape)}"
         )

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import RecipeConfig
+from ..errors import InputError
 from ..fewstep import FewStepSampler
 from ..objectives import generator_reverse_kl
 from ..pipelines import FewStepPipeline
@@ -42,7 +43,7 @@ class EncoderLogits:
     def __init__(self, unet: nn.Module):
         mid = getattr(unet, "mid_block", None)
         if mid is None:
-            raise ValueError("method.adversarial: the SiDA critic needs a UNet teacher with a mid block (set it false)")
+            raise InputError("method.adversarial: the SiDA critic needs a UNet teacher with a mid block (set it false)")
         self.features: torch.Tensor | None = None
         mid.register_forward_pre_hook(self._capture)
 
