@@ -24,10 +24,12 @@ def _train(args: argparse.Namespace) -> None:
     from .trainer import NonFiniteError, Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
+    for line in recipe.unused_keys():
+        print(f"n2ce-distill train: note: {line}", file=sys.stderr)
     output_dir = Path(args.output_dir or Path("runs") / Path(args.recipe).stem)
     trainer = Trainer(recipe, output_dir, resume=args.resume, overwrite=args.overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
     try:
         final = trainer.train()
     except NonFiniteError as exc:  # exit code 1: a run that went wrong, not bad input
@@ -93,7 +95,10 @@ def _config(args: argparse.Namespace) -> None:
 
     from .config import load_recipe
 
-    print(yaml.safe_dump(load_recipe(args.recipe, args.overrides).model_dump(mode="json"), sort_keys=False), end="")
+    recipe = load_recipe(args.recipe, args.overrides)
+    for line in recipe.unused_keys():
+        print(f"n2ce-distill config: note: {line}", file=sys.stderr)
+    print(yaml.safe_dump(recipe.resolved(), sort_keys=False), end="")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -11,7 +11,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -159,6 +159,8 @@ class TeacherTrainingConfig(_Strict):
     name: Literal["teacher"]
     net: TeacherNetConfig = Field(default_factory=TeacherNetConfig)
 
+    critic_keys: ClassVar[frozenset[str]] = frozenset()  # no critic
+
 
 class DxMIConfig(_Strict):
     """Few-step DxMI sampler, SPEC section 5."""
@@ -181,6 +183,10 @@ class DxMIConfig(_Strict):
     # the critic trains alone (no value or sampler steps) until this many images: a critic that already
     # separates the initial student (0 = none, as DxMI; the density-chasm experiments use it)
     sampler_warmup_images: int = Field(0, ge=0)
+
+    # the critic section keys this method reads: all of them (its own critic network, MLP or ResNet)
+    critic_keys: ClassVar[frozenset[str]] = frozenset(
+        {"objective", "M", "ratio_reg", "channels", "num_res_blocks", "hidden_features", "num_layers", "lr"})
 
     @model_validator(mode="after")
     def _trains_some_step(self) -> "DxMIConfig":
@@ -210,6 +216,9 @@ class SiDConfig(_Strict):
     adversarial_warmup_images: int = Field(0, ge=0)  # SiDA: 200k
     logit_clamp: float | None = Field(None, gt=0)  # clamp on l - log M, never on l
 
+    # the critic is the fake score network's encoder (trained with it at method.fake_lr): only the objective
+    critic_keys: ClassVar[frozenset[str]] = frozenset({"objective", "M", "ratio_reg"})
+
 
 MethodConfig = Annotated[Union[TeacherTrainingConfig, DxMIConfig, SiDConfig], Field(discriminator="name")]
 
@@ -222,6 +231,34 @@ class RecipeConfig(_Strict):
     critic: CriticConfig = Field(default_factory=CriticConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _critic_keys_read_by_the_method(self) -> "RecipeConfig":
+        unread = sorted(self.critic.model_fields_set - self.method.critic_keys)
+        if unread and not self.method.critic_keys:
+            raise ValueError(f"critic: method {self.method.name!r} trains no critic; remove the critic section")
+        if unread:
+            raise ValueError(f"critic.{unread[0]}: not used by method {self.method.name!r} (it reads critic."
+                             + ", critic.".join(sorted(self.method.critic_keys)) + ")")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in, as plain YAML/JSON values, holding only the critic keys the
+        method reads, so that it validates again as a recipe (``recipe.yaml`` of a run, ``n2ce-distill config``)."""
+        out = self.model_dump(mode="json")
+        out["critic"] = {k: v for k, v in out["critic"].items() if k in self.method.critic_keys}
+        if not out["critic"]:
+            del out["critic"]
+        return out
+
+    def unused_keys(self) -> list[str]:
+        """Recipe keys that validate but that this recipe's choices leave unread: an objective parameter such as
+        ``critic.M`` under another objective. Not an error, so that one key swaps the objective of a recipe
+        written for N²CE; the CLI prints these at startup."""
+        every = {name for objective in OBJECTIVES.values() for name in objective.parameters()}
+        reads = OBJECTIVES[self.critic.objective].parameters()
+        return [f"critic.{key}: not used by objective {self.critic.objective!r}; ignored"
+                for key in sorted(self.critic.model_fields_set & every) if key not in reads]
 
     @model_validator(mode="after")
     def _needs_teacher(self) -> "RecipeConfig":

@@ -261,7 +261,7 @@ class Trainer:
             "best_fid": self.best_fid,
             "loader": self.loader.state_dict(),
             "method": self.method.extra_state(),
-            "recipe": self.recipe.model_dump(mode="json"),
+            "recipe": self.recipe.resolved(),
         }
 
     def _unsound_state(self) -> str | None:
@@ -301,7 +301,7 @@ class Trainer:
             return
         checkpoints.verify(path)
         state = checkpoints.read_json(path / "trainer_state.json")
-        _check_fixed_keys(state.get("recipe"), self.recipe.model_dump(mode="json"), path)
+        _check_fixed_keys(state.get("recipe"), self.recipe.resolved(), path)
         # load_state restores the saved learning rates; the recipe's are the ones to train with
         recipe_lrs = {name: [group["lr"] for group in opt.param_groups] for name, opt in self.optimizers.items()}
         try:
@@ -353,7 +353,7 @@ def _check_fixed_keys(saved: dict | None, current: dict, path: Path) -> None:
     if saved is None:
         return
     saved, current = _flat(saved), _flat(current)
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted(set(saved) & set(current)):  # a key only one side holds is one its method never reads
         if any(key == fixed or key.startswith(fixed + ".") for fixed in FIXED_ON_RESUME):
             if saved.get(key) != current.get(key):
                 raise InputError(f"{key}: cannot change on resume (checkpoint {path.name} has "

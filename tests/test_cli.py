@@ -277,3 +277,10 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, tmp_path):
     result = subprocess.run([sys.executable, "-m", "n2ce_distill.cli", "bench", "no-such-bench"], capture_output=True,
                             text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1  # bad input stays one line
+
+
+def test_config_names_an_ignored_objective_parameter(dxmi_recipe, capsys):
+    assert main(["config", str(dxmi_recipe), "critic.M=5", "critic.objective=nce"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "n2ce-distill config: note: critic.M: not used by objective 'nce'; ignored\n"
+    assert "objective: nce" in captured.out

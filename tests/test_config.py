@@ -85,3 +85,27 @@ def test_file_problems_are_named(tmp_path):
     bad.write_text("method: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_critic_keys_a_method_does_not_read_are_refused(recipe_file, vp_teacher):
+    sid = recipe_file({"method": {"name": "sid"}, "data": {"name": "digits"}, "teacher": {"path": str(vp_teacher)}})
+    for key in ("channels=[8, 16]", "lr=1e-3", "hidden_features=16"):
+        with pytest.raises(ConfigError, match=rf"^critic.{key.split('=')[0]}: not used by method 'sid' \(it reads "
+                                              r"critic.M, critic.objective, critic.ratio_reg\)$"):
+            load_recipe(sid, [f"critic.{key}"])
+    assert load_recipe(sid, ["critic.objective=nce", "critic.ratio_reg=0.5"]).critic.ratio_reg == 0.5
+    teacher = recipe_file({"method": {"name": "teacher"}, "data": {"name": "digits"}, "critic": {"objective": "nce"}})
+    with pytest.raises(ConfigError, match="^critic: method 'teacher' trains no critic; remove the critic section$"):
+        load_recipe(teacher)
+
+
+def test_an_objective_parameter_under_another_objective_is_named_and_the_resolved_recipe_reloads(base, tmp_path):
+    import yaml
+
+    swapped = load_recipe(base, ["critic.M=7", "critic.objective=cd"])
+    assert swapped.unused_keys() == ["critic.M: not used by objective 'cd'; ignored"]
+    assert load_recipe(base, ["critic.M=7"]).unused_keys() == [] and load_recipe(base, ["critic.objective=nce"]).unused_keys() == []
+    for recipe in (swapped, load_recipe(REPO / "recipes" / "digits_sid_n2ce.yaml", [f"teacher.path={base.parent}"])):
+        again = tmp_path / "resolved.yaml"
+        again.write_text(yaml.safe_dump(recipe.resolved()))
+        assert load_recipe(again) == recipe  # what a run stores is a recipe that validates to the same thing

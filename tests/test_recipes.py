@@ -12,9 +12,9 @@ from n2ce_distill.trainer import Trainer
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 SHRINK = [
     "train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=2", "train.sample_every=2", "train.log_every=1",
-    "critic.channels=[8, 16]", "critic.num_res_blocks=2", "critic.hidden_features=16", "critic.num_layers=2",
     "train.mixed_precision=no", "eval.fid_every=0",
 ]
+SMALL_CRITIC = ["critic.channels=[8, 16]", "critic.num_res_blocks=2", "critic.hidden_features=16", "critic.num_layers=2"]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -31,8 +31,8 @@ def test_recipe_trains_two_steps(path, tmp_path, vp_teacher, toy_teacher):
         overrides += ["data.name=digits", "data.root=null", "data.image_size=null"]
     if raw["method"]["name"] == "sid":
         overrides += ["method.generator_warmup_images=0", "method.adversarial_warmup_images=8"]
-    if raw["method"]["name"] == "dxmi":
-        overrides.append("method.sampler_warmup_images=8")  # step 0 trains the critic alone, step 1 everything
+    if raw["method"]["name"] == "dxmi":  # the only method with a critic network of its own
+        overrides += [*SMALL_CRITIC, "method.sampler_warmup_images=8"]  # step 0 trains the critic alone, step 1 everything
     recipe = load_recipe(path, overrides)
     final = Trainer(recipe, tmp_path / "run").train()
     assert (final / "model_index.json").is_file()
