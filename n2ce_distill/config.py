@@ -176,7 +176,6 @@ class DxMIConfig(_Strict):
     log_scale_lr: LearningRate = 1e-5
     value_lr: LearningRate = 1e-5
     share_value: bool = False  # DxMI original: one time-independent net for energy and value
-    value_guidance: float = 0.0  # g in x += g s_k grad V at sampling time
     # the sampler learns only from steps k >= this: earlier steps land on noisy x_{k+1}, where V is the
     # critic's extrapolation plus a young TD correction (0 = every step, as DxMI)
     sampler_steps_from: int = Field(0, ge=0)

@@ -19,7 +19,6 @@ from .samplers import ancestral_step_scales
 
 __all__ = ["FewStepSampler"]
 
-ValueFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class FewStepSampler(nn.Module):
@@ -74,16 +73,11 @@ class FewStepSampler(nn.Module):
         self,
         batch_size: int,
         generator: torch.Generator | None = None,
-        value_fn: ValueFn | None = None,
-        guidance: float = 0.0,
         return_trajectory: bool = False,
         noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
     ):
-        """Sample ``batch_size`` points; optional value guidance ``x -= g s_k grad V(x, k+1)``.
-
-        V is a cost-to-go here (the sampler minimises it), so guidance descends it. ``noise(shape)``
-        replaces the standard-normal draws (default: from ``generator``).
-        """
+        """Sample ``batch_size`` points. ``noise(shape)`` replaces the standard-normal draws (default: from
+        ``generator``)."""
         device = self.sigmas.device
         shape = (batch_size, *self.denoiser.sample_shape)
         noise = noise or (lambda s: torch.randn(s, generator=generator, device=device))
@@ -92,10 +86,5 @@ class FewStepSampler(nn.Module):
         for k in range(self.num_steps):
             ks = torch.full((batch_size,), k, device=device, dtype=torch.long)
             x = self(x, ks, noise(shape))
-            if value_fn is not None and guidance and k + 1 < self.num_steps:
-                with torch.enable_grad():
-                    leaf = x.detach().requires_grad_(True)
-                    grad = torch.autograd.grad(value_fn(leaf, k + 1).sum(), leaf)[0]
-                x = x - guidance * self.scales()[k] * grad
             trajectory.append(x)
         return torch.stack(trajectory) if return_trajectory else x

@@ -51,7 +51,7 @@ def test_shapes_and_gradients(conditioned):
         out = critic(x, cond)
         assert out.shape == (3,)
         out.sum().backward()
-        assert x.grad is not None and x.grad.abs().sum() > 0  # input gradients (value guidance) flow
+        assert x.grad is not None and x.grad.abs().sum() > 0  # input gradients flow (the sampler learns through grad_x V)
 
 
 def test_mlp_flattens_any_trailing_shape():

@@ -11,7 +11,7 @@ sees ``clamp(x, -1, 1)``, the samples as exported. One iteration:
 2. ``v_k <- m v_k + (1 - m) mean ||x_{k+1} - x_k||^2`` from ``v_k = 1`` (adaptive velocity scale);
 3. critic step: data vs ``x_T``, objective + ``gamma (E l_d^2 + E l_n^2)``;
 4. value step: ``V(x_k, k) -> V(x_{k+1}, k+1)`` detached, with ``V(x_T, T) = -l(x_T)``, for the steps whose
-   value is read (``k > sampler_steps_from``, or ``k >= 1`` with value guidance);
+   value is read (``k > sampler_steps_from``);
 5. sampler step on transitions with ``k >= method.sampler_steps_from`` (0: all, as DxMI): re-draw
    ``x_{k+1}`` by reparameterisation and minimise
    ``V(x_{k+1}, k+1) + tau2 ||x_{k+1} - x_k||^2 / (2 v_k) - tau1 log s_k`` (per-dimension means).
@@ -109,10 +109,9 @@ class DxMI(Method):
     @property
     def first_value_step(self) -> int:
         """The first step k whose ``V(., k)`` anything reads: the sampler reads ``V(x_{k+1}, k+1)`` for
-        ``k >= sampler_steps_from`` and guidance ``V(x, k+1)`` for every k; TD trains no earlier step (on digits,
-        ``sampler_steps_from = 2``, one step of the four)."""
-        opts = self.recipe.method
-        return 1 if opts.value_guidance else opts.sampler_steps_from + 1
+        ``k >= sampler_steps_from``; TD trains no earlier step (on digits, ``sampler_steps_from = 2``, one step of
+        the four). Sampling reads no value: what is exported is the sampler alone."""
+        return self.recipe.method.sampler_steps_from + 1
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
         opts = self.recipe.method
@@ -166,9 +165,7 @@ class DxMI(Method):
         return StepOutput(logs, critic_logits)
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        guidance = self.recipe.method.value_guidance
-        value_fn = (lambda x, k: self.value(x, torch.full((len(x),), k, device=x.device))) if guidance else None
-        return unwrap(model).sample(batch_size, generator=generator, value_fn=value_fn, guidance=guidance)
+        return unwrap(model).sample(batch_size, generator=generator)
 
     def export(self, model: nn.Module, directory: Path) -> None:
         FewStepPipeline.from_sampler(model).save_pretrained(directory)
