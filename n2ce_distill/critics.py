@@ -10,6 +10,7 @@ also reads ``cond``, a float tensor ``(B,)`` (a noise level sigma or a sampler s
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-__all__ = ["ConditionEmbedding", "MLPCritic", "ConvCritic"]
+if TYPE_CHECKING:
+    from .config import CriticConfig
+
+__all__ = ["ConditionEmbedding", "MLPCritic", "ConvCritic", "build_critic"]
 
 _ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 _COND_SCALES = ("log", "linear")
@@ -202,3 +206,16 @@ class ConvCritic(ModelMixin, ConfigMixin):
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         summed = self.features(x, cond).sum(dim=(2, 3))
         return self.output_scale * self.out(summed).squeeze(-1)
+
+
+def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: bool = False) -> nn.Module:
+    """Convolutional ResNet critic for images, MLP critic for vectors; ``conditioned`` on a step index."""
+    if len(sample_shape) == 3:
+        return ConvCritic(
+            in_channels=sample_shape[0], channels=tuple(cfg.channels), num_res_blocks=cfg.num_res_blocks,
+            conditioned=conditioned, cond_scale="linear",
+        )
+    return MLPCritic(
+        in_features=int(torch.tensor(sample_shape).prod()), hidden_features=cfg.hidden_features,
+        num_layers=cfg.num_layers, conditioned=conditioned, cond_scale="linear",
+    )

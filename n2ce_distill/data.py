@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from functools import partial
 from pathlib import Path
 
@@ -21,8 +22,13 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .errors import InputError
 
-__all__ = ["DATASETS", "TOY_DISTRIBUTIONS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset", "InfiniteLoader",
-           "TwoSpirals", "build_dataset", "cifar10", "digits", "infinite_loader"]
+if TYPE_CHECKING:
+    from .config import DataConfig
+
+__all__ = [
+    "DATASETS", "TOY_DISTRIBUTIONS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset",
+    "InfiniteLoader", "TwoSpirals", "build_dataset", "dataset_from_config", "cifar10", "digits", "infinite_loader",
+]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -198,6 +204,16 @@ def build_dataset(name: str, **kwargs) -> Dataset:
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     return DATASETS[name](**kwargs)
+
+
+def dataset_from_config(cfg: DataConfig, seed: int):
+    """The recipe's data set (images in [-1, 1] or 2-D points), without labels."""
+    kwargs = {
+        "image-folder": {"root": cfg.root, "image_size": cfg.image_size or 32},
+        "cifar10": {"root": cfg.root or "data/cifar10"},
+        "digits": {},
+    }.get(cfg.name, {"n": cfg.num_points, "seed": seed})
+    return build_dataset(cfg.name, **kwargs)
 
 
 class InfiniteLoader:

@@ -23,14 +23,14 @@ from ema_pytorch import EMA
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .config import DataConfig, RecipeConfig
-from .data import build_dataset, infinite_loader
+from .config import RecipeConfig
+from .data import dataset_from_config, infinite_loader
 from .diagnostics import REGIMES, RegimeMonitor, critic_diagnostics
 from .errors import InputError
 from .methods import StepOutput, build_method
 from .visualize import save_samples
 
-__all__ = ["NonFiniteError", "Trainer", "dataset_from_config"]
+__all__ = ["NonFiniteError", "Trainer"]
 
 log = logging.getLogger(__name__)
 
@@ -358,16 +358,6 @@ def _check_fixed_keys(saved: dict | None, current: dict, path: Path) -> None:
             if saved.get(key) != current.get(key):
                 raise InputError(f"{key}: cannot change on resume (checkpoint {path.name} has "
                                  f"{saved.get(key)!r}, the recipe {current.get(key)!r})")
-
-
-def dataset_from_config(cfg: DataConfig, seed: int):
-    """The recipe's data set (images in [-1, 1] or 2-D points), without labels."""
-    kwargs = {
-        "image-folder": {"root": cfg.root, "image_size": cfg.image_size or 32},
-        "cifar10": {"root": cfg.root or "data/cifar10"},
-        "digits": {},
-    }.get(cfg.name, {"n": cfg.num_points, "seed": seed})
-    return build_dataset(cfg.name, **kwargs)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

@@ -16,11 +16,11 @@ import sys
 import torch
 
 from n2ce_distill.config import load_recipe
+from n2ce_distill.critics import build_critic
+from n2ce_distill.data import dataset_from_config
 from n2ce_distill.diagnostics import critic_diagnostics
 from n2ce_distill.methods.base import critic_objective
-from n2ce_distill.methods.dxmi import build_critic
 from n2ce_distill.pipelines import load_sample_source
-from n2ce_distill.trainer import dataset_from_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,29 +27,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import CriticConfig, RecipeConfig
-from ..critics import ConvCritic, MLPCritic
+from ..config import RecipeConfig
+from ..critics import build_critic
 from ..fewstep import FewStepSampler
 from ..pipelines import FewStepPipeline, clamp_images
 from ..samplers import few_step_sigmas
 from .base import Method, StepOutput, Update, critic_objective, load_teacher, unwrap
 
-__all__ = ["DxMI", "build_critic"]
+__all__ = ["DxMI"]
 
 SAMPLER_CLIP = 0.1  # DxMI clips the sampler's gradient norm at 0.1
-
-
-def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: bool = False) -> nn.Module:
-    """Convolutional ResNet critic for images, MLP critic for vectors; ``conditioned`` on a step index."""
-    if len(sample_shape) == 3:
-        return ConvCritic(
-            in_channels=sample_shape[0], channels=tuple(cfg.channels), num_res_blocks=cfg.num_res_blocks,
-            conditioned=conditioned, cond_scale="linear",
-        )
-    return MLPCritic(
-        in_features=int(torch.tensor(sample_shape).prod()), hidden_features=cfg.hidden_features,
-        num_layers=cfg.num_layers, conditioned=conditioned, cond_scale="linear",
-    )
 
 
 class DxMI(Method):
