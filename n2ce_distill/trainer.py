@@ -27,7 +27,7 @@ from .config import RecipeConfig
 from .data import dataset_from_config, infinite_loader
 from .diagnostics import REGIMES, RegimeMonitor, critic_diagnostics
 from .errors import InputError
-from .methods import StepOutput, build_method
+from .methods import Processes, StepOutput, build_method
 from .visualize import save_samples
 
 __all__ = ["NonFiniteError", "Trainer"]
@@ -83,7 +83,7 @@ class Trainer:
         set_seed(recipe.seed)
         self.dataset = dataset_from_config(recipe.data, recipe.seed)
         self.method = build_method(recipe, self.dataset)
-        self.method.shard = (self.accelerator.process_index, self.accelerator.num_processes)
+        self.method.processes = Processes(self.accelerator.process_index, self.accelerator.num_processes)
         self.ema = EMA(
             self.method.nets[self.method.ema_name],
             beta=train.ema.beta,

@@ -20,7 +20,7 @@ from ..denoisers import Denoiser, load_denoiser
 from ..errors import InputError
 from ..objectives import OBJECTIVES, CriticObjective, build_objective
 
-__all__ = ["Method", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
+__all__ = ["Method", "Processes", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
 
 
 class Update(Protocol):
@@ -40,13 +40,42 @@ class StepOutput:
     critic_logits: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class Processes:
+    """The processes a training step runs on, as much as a method needs of them (handed over by the trainer).
+
+    Every process draws the whole global batch from the same RNG stream and keeps its own slice, so a run gives
+    the same result on one process or many (same global batch); :meth:`mean` averages a per-process statistic
+    so that running buffers stay identical everywhere.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def draw(self, sample: Callable[[int], torch.Tensor], batch_size: int) -> torch.Tensor:
+        """This process's ``batch_size`` rows of ``sample(batch_size * count)``."""
+        return sample(batch_size * self.count)[self.index * batch_size:(self.index + 1) * batch_size]
+
+    def randn(self, batch_size: int, *shape: int, device: torch.device) -> torch.Tensor:
+        return self.draw(lambda n: torch.randn(n, *shape, device=device), batch_size)
+
+    def mean(self, stat: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-process statistic over all processes."""
+        if self.count > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            stat = stat.clone()
+            torch.distributed.all_reduce(stat)
+            stat /= self.count
+        return stat
+
+
 class Method(ABC):
     """One training loop.
 
     Subclasses fill ``self.nets`` (trainable modules, checkpointed and wrapped by Accelerate; always
     call them through this dict so distributed wrappers are used) and implement the abstract methods.
     ``self.frozen`` holds modules that are moved to the device but never trained (teachers).
-    ``self.objective`` is the critic objective of methods that train a critic.
+    ``self.objective`` is the critic objective of methods that train a critic. Random numbers that must
+    agree across processes are drawn through ``self.processes`` (:class:`Processes`).
     """
 
     def __init__(self, recipe: RecipeConfig):
@@ -54,28 +83,7 @@ class Method(ABC):
         self.objective: CriticObjective | None = None
         self.nets: dict[str, nn.Module] = {}
         self.frozen: dict[str, nn.Module] = {}
-        self.shard = (0, 1)  # (process index, number of processes), set by the trainer
-
-    def draw(self, sample: Callable[[int], torch.Tensor], batch_size: int) -> torch.Tensor:
-        """This process's rows of a random draw over the global batch.
-
-        Every process draws the whole global batch from the same RNG stream and keeps its slice, so
-        a run gives the same result on one process or many (same global batch).
-        """
-        rank, world = self.shard
-        return sample(batch_size * world)[rank * batch_size:(rank + 1) * batch_size]
-
-    def process_mean(self, stat: torch.Tensor) -> torch.Tensor:
-        """Mean of a per-process statistic over all processes, so running buffers stay identical everywhere."""
-        world = self.shard[1]
-        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            stat = stat.clone()
-            torch.distributed.all_reduce(stat)
-            stat /= world
-        return stat
-
-    def randn(self, batch_size: int, *shape: int, device: torch.device) -> torch.Tensor:
-        return self.draw(lambda n: torch.randn(n, *shape, device=device), batch_size)
+        self.processes = Processes()  # the trainer hands over its own at start
 
     @abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -106,11 +106,11 @@ class DxMI(Method):
         B, T, device = batch.shape[0], opts.num_steps, batch.device
         shape = tuple(batch.shape[1:])
         with torch.no_grad():
-            noise = lambda s: self.randn(B, *shape, device=device)  # noqa: E731
+            noise = lambda s: self.processes.randn(B, *shape, device=device)  # noqa: E731
             traj = unwrap(sampler).sample(B, return_trajectory=True, noise=noise)  # (T+1, B, ...)
         x_now, x_next = traj[:-1], traj[1:]
 
-        sq_step = self.process_mean((x_next - x_now).pow(2).flatten(2).mean(dim=2).mean(dim=1)).cpu()
+        sq_step = self.processes.mean((x_next - x_now).pow(2).flatten(2).mean(dim=2).mean(dim=1)).cpu()
         self.velocity = opts.velocity_momentum * self.velocity + (1 - opts.velocity_momentum) * sq_step
 
         # one forward over data and samples together: half the launches, one DDP forward per backward.
@@ -138,9 +138,9 @@ class DxMI(Method):
 
         # the sampler learns from B transitions drawn from the buffer (one random step per
         # trajectory, all k >= sampler_steps_from mixed), so its cost per iteration does not grow with T
-        k = self.draw(lambda n: torch.randint(opts.sampler_steps_from, T, (n,), device=device), B)
+        k = self.processes.draw(lambda n: torch.randint(opts.sampler_steps_from, T, (n,), device=device), B)
         x_prev = x_now[k, torch.arange(B, device=device)]
-        x_new = sampler(x_prev, k, self.randn(B, *shape, device=device))
+        x_new = sampler(x_prev, k, self.processes.randn(B, *shape, device=device))
         velocity = self.velocity.to(device)[k]
         log_scale = unwrap(sampler).scales()[k].log()
         running = opts.tau2 * (x_new - x_prev).pow(2).flatten(1).mean(1) / (2 * velocity) - opts.tau1 * log_scale

@@ -80,7 +80,7 @@ class SiD(Method):
         }
 
     def _generate(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        z = self.randn(batch_size, *unwrap(self.nets["generator"]).denoiser.sample_shape, device=device)
+        z = self.processes.randn(batch_size, *unwrap(self.nets["generator"]).denoiser.sample_shape, device=device)
         steps = torch.zeros(batch_size, dtype=torch.long, device=device)
         return self.nets["generator"](self.recipe.method.sigma_init * z, steps, torch.zeros_like(z))
 
@@ -100,9 +100,9 @@ class SiD(Method):
         # 1. fake score (+ SiDA critic), on detached generator samples
         with torch.no_grad():
             x_g = self._generate(B, device)
-        sigma = (FAKE_P_MEAN + FAKE_P_STD * self.randn(B, device=device)).exp()
+        sigma = (FAKE_P_MEAN + FAKE_P_STD * self.processes.randn(B, device=device)).exp()
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-        noise = torch.cat([self.randn(B, *batch.shape[1:], device=device) for _ in range(2)])
+        noise = torch.cat([self.processes.randn(B, *batch.shape[1:], device=device) for _ in range(2)])
         inputs = torch.cat([x_g, batch]) + view(sigma.repeat(2)) * noise
         denoised = self.nets["fake_score"](inputs, sigma.repeat(2))
         fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).sum(1)).mean()
@@ -121,10 +121,10 @@ class SiD(Method):
         if images_seen < opts.generator_warmup_images:
             return StepOutput(logs, critic_logits)
         x_g = self._generate(B, device)
-        t = opts.t_max * self.draw(lambda n: torch.rand(n, device=device), B)
+        t = opts.t_max * self.processes.draw(lambda n: torch.rand(n, device=device), B)
         lo, hi = opts.sigma_min ** (1 / 7), opts.sigma_max ** (1 / 7)
         sigma = (hi + (1 - t) * (lo - hi)) ** 7
-        x_t = x_g + view(sigma) * self.randn(B, *batch.shape[1:], device=device)
+        x_t = x_g + view(sigma) * self.processes.randn(B, *batch.shape[1:], device=device)
         # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction
         real, fake = self.frozen["teacher"](x_t, sigma), unwrap(self.nets["fake_score"])(x_t, sigma)
         w = (x_g - real).abs().flatten(1).mean(1).clamp_min(MIN_NORMALISER).detach()

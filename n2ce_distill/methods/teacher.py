@@ -49,8 +49,8 @@ class TeacherTraining(Method):
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
         denoiser = unwrap(self.nets["denoiser"])
-        sigma = self.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
-        noise = self.randn(len(batch), *batch.shape[1:], device=batch.device)
+        sigma = self.processes.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
+        noise = self.processes.randn(len(batch), *batch.shape[1:], device=batch.device)
         loss = denoiser.denoising_loss(batch, sigma=sigma, noise=noise, model=self.nets["denoiser"]).mean()
         update("denoiser", loss)
         return StepOutput({"loss_denoise": loss.detach()})
