@@ -85,7 +85,7 @@ class Trainer:
         self.method = build_method(recipe, self.dataset)
         self.method.processes = Processes(self.accelerator.process_index, self.accelerator.num_processes)
         self.ema = EMA(
-            self.method.nets[self.method.ema_name],
+            self.method.nets.read[self.method.ema_name],
             beta=train.ema.beta,
             update_after_step=train.ema.update_after_step,
             update_every=train.ema.update_every,
@@ -109,10 +109,10 @@ class Trainer:
 
     def _prepare(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
         acc = self.accelerator
-        names = list(self.method.nets)
-        prepared = acc.prepare(*self.method.nets.values(), *optimizers.values())
+        names = list(self.method.nets.train)
+        prepared = acc.prepare(*self.method.nets.train.values(), *optimizers.values())
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-        self.method.nets = dict(zip(names, prepared[: len(names)]))
+        self.method.nets.train = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(optimizers, prepared[len(names):]))
         for module in self.method.frozen.values():
             module.to(acc.device).requires_grad_(False).eval()
@@ -156,7 +156,7 @@ class Trainer:
             batch = next(self.loader)
             batch = batch[rank * per_process:(rank + 1) * per_process].to(acc.device)
             try:
-                with acc.accumulate(*self.method.nets.values()), acc.autocast():
+                with acc.accumulate(*self.method.nets.train.values()), acc.autocast():
                     output = self.method.training_step(batch, self.step, self._update)
             except _SkipStep as skipped:
                 self.skipped_steps += 1
@@ -267,7 +267,7 @@ class Trainer:
     def _unsound_state(self) -> str | None:
         """Why the current state must not become a checkpoint (non-finite weights, or an EMA model that
         samples non-finite values), or ``None``: the checkpoint kept after a failure must load and sample."""
-        models = {**self.method.nets, f"EMA {self.method.ema_name}": self.ema.ema_model}
+        models = {**self.method.nets.read, f"EMA {self.method.ema_name}": self.ema.ema_model}
         for name, model in models.items():
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 return f"non-finite weights in {name}"

@@ -73,11 +73,11 @@ def test_fresh_value_is_minus_critic_at_every_step(make_dxmi):
     """U's read-out starts at zero, so V(x, k) = -l(x) exactly for every k, terminal step included."""
     method = make_dxmi()
     assert "value" in method.nets
-    out = method.nets["value"].out
+    out = method.nets.read["value"].out
     assert torch.count_nonzero(out.weight) == 0 and torch.count_nonzero(out.bias) == 0
     x = data_batch(2)
     with torch.no_grad():
-        energy = -method.nets["critic"](x)
+        energy = -method.nets.read["critic"](x)
         assert energy.abs().max() > 0  # the comparison below is not between two zeros
         for k in all_steps(2):
             assert torch.equal(method.value(x, k), energy)
@@ -93,9 +93,9 @@ def test_value_update_learns_correction_but_terminal_stays_energy(make_dxmi):
     x = data_batch(4)
     T = method.recipe.method.num_steps
     with torch.no_grad():
-        energy = -method.nets["critic"](x)
+        energy = -method.nets.read["critic"](x)
         for k in all_steps(T)[:-1]:
-            correction = method.nets["value"](x, k.float())
+            correction = method.nets.read["value"](x, k.float())
             assert correction.abs().min() > 0, f"U is still zero at k={int(k[0])}"
             torch.testing.assert_close(method.value(x, k), energy + correction, rtol=0, atol=0)
         assert torch.equal(method.value(x, torch.full((B,), T)), energy)
@@ -112,7 +112,7 @@ def test_shared_value_has_no_value_net(make_dxmi):
     assert sorted(c[1] for c in calls) == ["critic", "sampler"]
     x = data_batch(4)
     with torch.no_grad():
-        energy = -method.nets["critic"](x)
+        energy = -method.nets.read["critic"](x)
         for k in all_steps(2):
             assert torch.equal(method.value(x, k), energy)
 
@@ -123,8 +123,8 @@ def test_shared_value_has_no_value_net(make_dxmi):
 def test_training_step_updates_every_network(make_dxmi, objective):
     """One step: finite logs, one update per optimiser, critic/value/sampler (and learnt log-scales) move."""
     method = make_dxmi(f"critic.objective={objective}")
-    sampler = method.nets["sampler"]
-    before = {name: snapshot(net) for name, net in method.nets.items()}
+    sampler = method.nets.read["sampler"]
+    before = {name: snapshot(net) for name, net in method.nets.read.items()}
     calls = []
     torch.manual_seed(3)
     logs = method.training_step(data_batch(), 0, make_update(method, calls)).scalars
@@ -135,9 +135,9 @@ def test_training_step_updates_every_network(make_dxmi, objective):
     assert [c[0] for c in calls] == ["critic", "value", "sampler"]
     assert [c[2] for c in calls] == [None, None, SAMPLER_CLIP]
 
-    assert changed(before["critic"], method.nets["critic"])
+    assert changed(before["critic"], method.nets.read["critic"])
     # the zero read-out gives every inner weight of U a zero gradient on the first step: only it moves
-    assert changed(before["value"], method.nets["value"]) == {"out.weight", "out.bias"}
+    assert changed(before["value"], method.nets.read["value"]) == {"out.weight", "out.bias"}
     moved = changed(before["sampler"], sampler)
     assert "log_scales" in moved and any(name.startswith("denoiser.") for name in moved)
     old, new = before["sampler"]["log_scales"], sampler.log_scales.detach()
@@ -162,7 +162,7 @@ def test_velocity_buffer_and_value_loss_match_the_trajectory(make_dxmi):
     torch.manual_seed(3)
     state = torch.get_rng_state()
     with torch.no_grad():  # the trajectory the step will draw from the same RNG state
-        traj = method.nets["sampler"].sample(B, return_trajectory=True, noise=lambda s: torch.randn(s))
+        traj = method.nets.read["sampler"].sample(B, return_trajectory=True, noise=lambda s: torch.randn(s))
     assert traj.shape == (T + 1, B, *SHAPE)
     torch.set_rng_state(state)
     logs = method.training_step(data_batch(), 0, make_update(method, [])).scalars
@@ -174,7 +174,7 @@ def test_velocity_buffer_and_value_loss_match_the_trajectory(make_dxmi):
 
     # the critic is updated before the value loss is formed, and U is still 0 then; it sees clamped images
     with torch.no_grad():
-        l = method.nets["critic"](traj.flatten(0, 1).clamp(-1, 1)).view(T + 1, B)
+        l = method.nets.read["critic"](traj.flatten(0, 1).clamp(-1, 1)).view(T + 1, B)
     assert method.first_value_step == 1
     torch.testing.assert_close(logs["loss_value"], (l[2:] - l[1:-1]).pow(2).mean(), rtol=1e-5, atol=1e-7)
 
@@ -182,11 +182,11 @@ def test_velocity_buffer_and_value_loss_match_the_trajectory(make_dxmi):
 def test_critic_judges_images_as_exported(make_dxmi):
     """The critic step and V see clamp(x, -1, 1): what the pipeline exports, on the data's own range."""
     method = make_dxmi("method.share_value=true")
-    critic_before = copy.deepcopy(method.nets["critic"])
+    critic_before = copy.deepcopy(method.nets.read["critic"])
     torch.manual_seed(3)
     state = torch.get_rng_state()
     with torch.no_grad():
-        final = method.nets["sampler"].sample(B, noise=lambda s: torch.randn(s))
+        final = method.nets.read["sampler"].sample(B, noise=lambda s: torch.randn(s))
     assert (final.abs() > 1).any()  # the samples leave the data range, so the clamp is not a no-op
     torch.set_rng_state(state)
     _, logits_noise = method.training_step(data_batch(), 0, make_update(method, [])).critic_logits
@@ -197,14 +197,14 @@ def test_critic_judges_images_as_exported(make_dxmi):
 
     x, k = data_batch(2) * 3, torch.zeros(B, dtype=torch.long)  # most pixels outside [-1, 1]
     with torch.no_grad():
-        assert torch.equal(method.value(x, k), -method.nets["critic"](x.clamp(-1, 1)))
-        assert not torch.equal(method.value(x, k), -method.nets["critic"](x))
+        assert torch.equal(method.value(x, k), -method.nets.read["critic"](x.clamp(-1, 1)))
+        assert not torch.equal(method.value(x, k), -method.nets.read["critic"](x))
 
 
 def test_sampler_steps_from_trains_only_later_steps(make_dxmi):
     """From step 1 of 2: s_0 only shapes step 0's transition, so it stays; the shared denoiser still learns."""
     method = make_dxmi("method.sampler_steps_from=1")
-    sampler = method.nets["sampler"]
+    sampler = method.nets.read["sampler"]
     before = snapshot(sampler)
     torch.manual_seed(3)
     method.training_step(data_batch(), 0, make_update(method, []))
@@ -219,12 +219,12 @@ def test_sampler_steps_from_trains_only_later_steps(make_dxmi):
 ])
 def test_value_trains_only_where_it_is_read(make_dxmi, overrides, trained):
     method = make_dxmi(*overrides)
-    before = snapshot(method.nets["value"])
+    before = snapshot(method.nets.read["value"])
     calls = []
     logs = method.training_step(data_batch(), 0, make_update(method, calls)).scalars
     assert ("value" in [optimizer for _, optimizer, _, _ in calls]) == trained
     assert ("loss_value" in logs) == trained
-    assert bool(changed(before, method.nets["value"])) == trained
+    assert bool(changed(before, method.nets.read["value"])) == trained
 
 
 def test_velocity_with_zero_momentum_is_the_last_squared_step(make_dxmi):
@@ -233,7 +233,7 @@ def test_velocity_with_zero_momentum_is_the_last_squared_step(make_dxmi):
     torch.manual_seed(5)
     state = torch.get_rng_state()
     with torch.no_grad():
-        traj = method.nets["sampler"].sample(B, return_trajectory=True, noise=lambda s: torch.randn(s))
+        traj = method.nets.read["sampler"].sample(B, return_trajectory=True, noise=lambda s: torch.randn(s))
     torch.set_rng_state(state)
     method.training_step(data_batch(), 0, make_update(method, []))
     torch.testing.assert_close(method.velocity, (traj[1:] - traj[:-1]).pow(2).flatten(2).mean(2).mean(1))
@@ -288,14 +288,14 @@ def test_a_registered_objective_is_usable_from_a_recipe(make_dxmi, monkeypatch):
 def test_sampler_warmup_trains_the_critic_alone(make_dxmi):
     """Before ``sampler_warmup_images`` (B = 8 per step: steps 0 and 1 of 16 images) only the critic learns."""
     method = make_dxmi("method.sampler_warmup_images=16")
-    before = {name: snapshot(net) for name, net in method.nets.items()}
+    before = {name: snapshot(net) for name, net in method.nets.read.items()}
     for step in (0, 1):
         calls = []
         output = method.training_step(data_batch(), step, make_update(method, calls))
         assert [optimizer for _, optimizer, _, _ in calls] == ["critic"]
         assert set(output.scalars) == {"loss_critic"} and output.critic_logits is not None
-    assert changed(before["critic"], method.nets["critic"])
-    assert not changed(before["sampler"], method.nets["sampler"]) and not changed(before["value"], method.nets["value"])
+    assert changed(before["critic"], method.nets.read["critic"])
+    assert not changed(before["sampler"], method.nets.read["sampler"]) and not changed(before["value"], method.nets.read["value"])
     calls = []
     method.training_step(data_batch(), 2, make_update(method, calls))
     assert [optimizer for _, optimizer, _, _ in calls] == ["critic", "value", "sampler"]

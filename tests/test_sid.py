@@ -130,7 +130,7 @@ def test_losses_are_sums_over_elements(make_sid):
     M, alpha, adv_weight = 100.0, 1.2, 0.5
     method = make_sid("critic.objective=n2ce", f"critic.M={M}", "critic.ratio_reg=1.0", "method.fake_lr=1.0e-3",
                       f"method.alpha={alpha}", f"method.adv_weight={adv_weight}")
-    fake_score, generator, teacher = method.nets["fake_score"], method.nets["generator"], method.frozen["teacher"]
+    fake_score, generator, teacher = method.nets.read["fake_score"], method.nets.read["generator"], method.frozen["teacher"]
     sd = fake_score.sigma_data
     mid_inputs, score_calls, score_out, gen_out, teacher_out, objective_calls = [], [], [], [], [], []
     fake_score.net.mid_block.register_forward_pre_hook(lambda m, a: mid_inputs.append(a[0].detach().clone()))
@@ -190,17 +190,17 @@ def test_losses_are_sums_over_elements(make_sid):
 def test_generator_warmup_freezes_generator(make_sid):
     """Before generator_warmup_images the generator is never updated and no SiD loss is logged."""
     method = make_sid("method.generator_warmup_images=100")  # B = 4 images per step: steps 0..24 warm up
-    before = params(method.nets["generator"])
+    before = params(method.nets.read["generator"])
     for index in (0, 24):
         calls = []
         logs = step(method, index, calls)
         assert "loss_sid" not in logs and "loss_adversarial" not in logs and "loss_critic" in logs
         assert [c[1] for c in calls] == ["fake_score"]
-    assert torch.equal(params(method.nets["generator"]), before)
+    assert torch.equal(params(method.nets.read["generator"]), before)
     calls = []
     logs = step(method, 25, calls)  # 25 * 4 = 100 images seen: warm-up over
     assert "loss_sid" in logs and [c[1] for c in calls] == ["fake_score", "generator"]
-    assert not torch.equal(params(method.nets["generator"]), before)
+    assert not torch.equal(params(method.nets.read["generator"]), before)
 
 
 def test_adversarial_warmup(make_sid):
@@ -274,7 +274,7 @@ def test_logit_clamp_bounds_logged_logits(make_sid):
 def test_one_step_finite(make_sid, request, teacher_fixture, objective):
     """One SiDA step with each UNet teacher and critic objective: all logs finite, both networks updated."""
     method = make_sid(f"critic.objective={objective}", teacher=request.getfixturevalue(teacher_fixture))
-    before = {name: params(net) for name, net in method.nets.items()}
+    before = {name: params(net) for name, net in method.nets.read.items()}
     calls = []
     output = step(method, calls=calls, full=True)
     logs = output.scalars
@@ -283,5 +283,5 @@ def test_one_step_finite(make_sid, request, teacher_fixture, objective):
     real, fake = output.critic_logits  # per-position maps, one per sample
     assert real.shape == fake.shape and real.shape[0] == B and torch.isfinite(torch.cat([real, fake])).all()
     assert [c[1] for c in calls] == ["fake_score", "generator"]
-    for name, net in method.nets.items():
+    for name, net in method.nets.read.items():
         assert not torch.equal(params(net), before[name]), name

@@ -85,7 +85,7 @@ def test_nonfinite_steps_can_be_skipped(dxmi_recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.method, "objective", lambda ld, ln, **kw: original(ld, ln) * (float("inf") if trainer.step == 1 else 1))
     trainer.train()
     assert trainer.skipped_steps == 1
-    params = torch.cat([p.detach().flatten() for p in trainer.method.nets["critic"].parameters()])
+    params = torch.cat([p.detach().flatten() for p in trainer.method.nets.read["critic"].parameters()])
     assert torch.isfinite(params).all()
 
 
@@ -98,7 +98,7 @@ def test_fp16_overflow_is_left_to_the_loss_scaler(dxmi_recipe, tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
     trainer.accelerator.scaler = scaler
     trainer.optimizers = {name: AcceleratedOptimizer(opt.optimizer, scaler=scaler) for name, opt in trainer.optimizers.items()}
-    nets = trainer.method.nets
+    nets = trainer.method.nets.read
     before = {name: {k: v.clone() for k, v in nets[name].state_dict().items()} for name in ("critic", "sampler")}
     trainer.train()
     for name, weights in before.items():
@@ -109,7 +109,7 @@ def test_fp16_overflow_is_left_to_the_loss_scaler(dxmi_recipe, tmp_path):
 
     plain = Trainer(load_recipe(dxmi_recipe, ["train.max_steps=1", *TINY]), tmp_path / "plain")
     with pytest.raises(NonFiniteError, match="step 0: non-finite critic gradient"):
-        plain._update("critic", plain.method.nets["critic"](torch.zeros(2, 1, 8, 8)).sum() * 1e30)
+        plain._update("critic", plain.method.nets.read["critic"](torch.zeros(2, 1, 8, 8)).sum() * 1e30)
 
 
 def test_sigkill_then_resume_matches(dxmi_recipe, tmp_path):
@@ -224,9 +224,9 @@ def test_resume_takes_new_learning_rates_and_refuses_fixed_keys(dxmi_recipe, tmp
 
 
 @pytest.mark.parametrize("poison, culprit", [
-    (lambda m: m.nets["critic"].out.weight, "non-finite weights in critic"),
+    (lambda m: m.nets.read["critic"].out.weight, "non-finite weights in critic"),
     # finite but huge: every loss and gradient check passes, yet the student samples inf/NaN
-    (lambda m: next(m.nets["sampler"].denoiser.parameters()), "samples non-finite values"),
+    (lambda m: next(m.nets.read["sampler"].denoiser.parameters()), "samples non-finite values"),
 ])
 def test_a_checkpoint_is_never_written_from_unsound_weights(dxmi_recipe, tmp_path, monkeypatch, poison, culprit):
     from n2ce_distill.pipelines import load_sample_source
@@ -240,7 +240,7 @@ def test_a_checkpoint_is_never_written_from_unsound_weights(dxmi_recipe, tmp_pat
         if step == 1:  # after the step's updates, before its checkpoint
             with torch.no_grad():
                 poison(trainer.method).fill_(float("nan") if "weights" in culprit else 1e30)
-            trainer.ema.ema_model.load_state_dict(trainer.method.nets["sampler"].state_dict())
+            trainer.ema.ema_model.load_state_dict(trainer.method.nets.read["sampler"].state_dict())
         return output
 
     monkeypatch.setattr(trainer.method, "training_step", poisoning)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from ..config import DxMIConfig, RecipeConfig, SiDConfig, TeacherTrainingConfig
-from .base import Method, Processes, StepOutput, Update
+from .base import Method, Nets, Processes, StepOutput, Update
 
-__all__ = ["Method", "Processes", "StepOutput", "Update", "build_method"]
+__all__ = ["Method", "Nets", "Processes", "StepOutput", "Update", "build_method"]
 
 
 def build_method(recipe: RecipeConfig, dataset: Dataset) -> Method:

@@ -20,7 +20,7 @@ from ..denoisers import Denoiser, load_denoiser
 from ..errors import InputError
 from ..objectives import OBJECTIVES, CriticObjective, build_objective
 
-__all__ = ["Method", "Processes", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
+__all__ = ["Method", "Nets", "Processes", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
 
 
 class Update(Protocol):
@@ -68,11 +68,35 @@ class Processes:
         return stat
 
 
+class Nets:
+    """A method's trainable networks, under the two views a step needs.
+
+    ``nets.train[name]`` is the module as the trainer prepared it (a DistributedDataParallel wrapper when
+    several processes train): call it for the forward passes whose gradients train it. ``nets.read[name]`` is
+    the bare module: for reads that must stay out of DDP's gradient reduction, and for the module's own
+    methods, which DDP does not forward. There is no third way to reach a network, so every call site says
+    which it means. ``nets[name] = module`` registers a network (in ``__init__``, before the trainer wraps).
+    """
+
+    def __init__(self):
+        self.train: dict[str, nn.Module] = {}
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        self.train[name] = module
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.train
+
+    @property
+    def read(self) -> dict[str, nn.Module]:
+        return {name: unwrap(module) for name, module in self.train.items()}
+
+
 class Method(ABC):
     """One training loop.
 
-    Subclasses fill ``self.nets`` (trainable modules, checkpointed and wrapped by Accelerate; always
-    call them through this dict so distributed wrappers are used) and implement the abstract methods.
+    Subclasses fill ``self.nets`` (:class:`Nets`: trainable modules, checkpointed and wrapped by Accelerate;
+    ``nets.train`` to train them, ``nets.read`` to read them) and implement the abstract methods.
     ``self.frozen`` holds modules that are moved to the device but never trained (teachers).
     ``self.objective`` is the critic objective of methods that train a critic. Random numbers that must
     agree across processes are drawn through ``self.processes`` (:class:`Processes`).
@@ -81,7 +105,7 @@ class Method(ABC):
     def __init__(self, recipe: RecipeConfig):
         self.recipe = recipe
         self.objective: CriticObjective | None = None
-        self.nets: dict[str, nn.Module] = {}
+        self.nets = Nets()
         self.frozen: dict[str, nn.Module] = {}
         self.processes = Processes()  # the trainer hands over its own at start
 

@@ -32,7 +32,7 @@ from ..critics import build_critic
 from ..fewstep import FewStepSampler
 from ..pipelines import FewStepPipeline, clamp_images
 from ..samplers import few_step_sigmas
-from .base import Method, StepOutput, Update, critic_objective, load_teacher, unwrap
+from .base import Method, StepOutput, Update, critic_objective, load_teacher
 
 __all__ = ["DxMI"]
 
@@ -66,17 +66,17 @@ class DxMI(Method):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         train, opts = self.recipe.train, self.recipe.method
-        sampler = self.nets["sampler"]
+        sampler = self.nets.read["sampler"]
         net_params = [p for name, p in sampler.named_parameters() if name != "log_scales"]
         optimizers = {
             "sampler": torch.optim.Adam(
                 [{"params": net_params, "lr": train.lr}, {"params": [sampler.log_scales], "lr": opts.log_scale_lr}],
                 betas=train.adam_betas,
             ),
-            "critic": torch.optim.Adam(self.nets["critic"].parameters(), lr=self.recipe.critic.lr, betas=train.adam_betas),
+            "critic": torch.optim.Adam(self.nets.read["critic"].parameters(), lr=self.recipe.critic.lr, betas=train.adam_betas),
         }
         if "value" in self.nets:
-            optimizers["value"] = torch.optim.Adam(self.nets["value"].parameters(), lr=opts.value_lr, betas=train.adam_betas)
+            optimizers["value"] = torch.optim.Adam(self.nets.read["value"].parameters(), lr=opts.value_lr, betas=train.adam_betas)
         return optimizers
 
     def value(self, x: torch.Tensor, k: torch.Tensor, correction: nn.Module | None = None) -> torch.Tensor:
@@ -85,10 +85,10 @@ class DxMI(Method):
         ``correction`` is the network that computes ``U``: the bare one by default, since the value is
         read, not trained, there (and so never enters a distributed gradient reduction).
         """
-        energy = -unwrap(self.nets["critic"])(clamp_images(x))
+        energy = -self.nets.read["critic"](clamp_images(x))
         if "value" not in self.nets:
             return energy
-        correction = correction or unwrap(self.nets["value"])
+        correction = correction or self.nets.read["value"]
         # U sees x as the critic does (not rescaled by c_in(sigma_k): measured, that made the 8-Gaussians
         # student diverge, SW2 > 100, where raw inputs reached 0.12)
         return torch.where(k == self.recipe.method.num_steps, energy, energy + correction(x, k.float()))
@@ -102,12 +102,12 @@ class DxMI(Method):
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
         opts = self.recipe.method
-        sampler = self.nets["sampler"]
+        sampler, bare_sampler = self.nets.train["sampler"], self.nets.read["sampler"]
         B, T, device = batch.shape[0], opts.num_steps, batch.device
         shape = tuple(batch.shape[1:])
         with torch.no_grad():
             noise = lambda s: self.processes.randn(B, *shape, device=device)  # noqa: E731
-            traj = unwrap(sampler).sample(B, return_trajectory=True, noise=noise)  # (T+1, B, ...)
+            traj = bare_sampler.sample(B, return_trajectory=True, noise=noise)  # (T+1, B, ...)
         x_now, x_next = traj[:-1], traj[1:]
 
         sq_step = self.processes.mean((x_next - x_now).pow(2).flatten(2).mean(dim=2).mean(dim=1)).cpu()
@@ -118,7 +118,7 @@ class DxMI(Method):
         # the digits' pixels sit exactly at -1, a boundary unclamped samples can only approach, and a critic
         # that tells them apart there led the sampler into speckled backgrounds (digits, one seed: FID 4.5 ->
         # 12-15 by 350 iterations unclamped; clamped, 3.7-5.9 up to 400, and ~3 up to 800 with sampler_steps_from 2)
-        logits_data, logits_noise = self.nets["critic"](torch.cat([batch, clamp_images(traj[-1])])).split(B)
+        logits_data, logits_noise = self.nets.train["critic"](torch.cat([batch, clamp_images(traj[-1])])).split(B)
         critic_loss = self.objective(logits_data, logits_noise)
         update("critic", critic_loss)
         logs = {"loss_critic": critic_loss.detach()}
@@ -132,7 +132,7 @@ class DxMI(Method):
             k_all = torch.arange(first, T, device=device).repeat_interleave(B)
             with torch.no_grad():
                 target = self.value(x_next[first:].reshape(n * B, *shape), k_all + 1)
-            value_loss = (self.value(x_now[first:].reshape(n * B, *shape), k_all, self.nets["value"]) - target).pow(2).mean()
+            value_loss = (self.value(x_now[first:].reshape(n * B, *shape), k_all, self.nets.train["value"]) - target).pow(2).mean()
             update("value", value_loss)
             logs["loss_value"] = value_loss.detach()
 
@@ -142,17 +142,17 @@ class DxMI(Method):
         x_prev = x_now[k, torch.arange(B, device=device)]
         x_new = sampler(x_prev, k, self.processes.randn(B, *shape, device=device))
         velocity = self.velocity.to(device)[k]
-        log_scale = unwrap(sampler).scales()[k].log()
+        log_scale = bare_sampler.scales()[k].log()
         running = opts.tau2 * (x_new - x_prev).pow(2).flatten(1).mean(1) / (2 * velocity) - opts.tau1 * log_scale
         sampler_loss = (self.value(x_new, k + 1) + running).mean()
         update("sampler", sampler_loss, clip=SAMPLER_CLIP)
         logs["loss_sampler"] = sampler_loss.detach()
         # the learned noise scales (after this update): on digits s_0 grew whenever the early steps trained
-        logs.update({f"scale_{i}": s.detach() for i, s in enumerate(unwrap(sampler).scales())})
+        logs.update({f"scale_{i}": s.detach() for i, s in enumerate(bare_sampler.scales())})
         return StepOutput(logs, critic_logits)
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return unwrap(model).sample(batch_size, generator=generator)
+        return model.sample(batch_size, generator=generator)
 
     def export(self, model: nn.Module, directory: Path) -> None:
         FewStepPipeline.from_sampler(model).save_pretrained(directory)

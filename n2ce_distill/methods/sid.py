@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..fewstep import FewStepSampler
 from ..objectives import generator_reverse_kl
 from ..pipelines import FewStepPipeline
-from .base import Method, StepOutput, Update, critic_objective, load_teacher, unwrap
+from .base import Method, StepOutput, Update, critic_objective, load_teacher
 
 __all__ = ["SiD", "EncoderLogits"]
 
@@ -63,7 +63,7 @@ class SiD(Method):
         self.nets["fake_score"] = copy.deepcopy(teacher).requires_grad_(True)
         sigmas = torch.tensor([opts.sigma_init, 0.0])
         self.nets["generator"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, last_scale=0.0)
-        self.encoder = EncoderLogits(self.nets["fake_score"].net) if opts.adversarial else None
+        self.encoder = EncoderLogits(self.nets.read["fake_score"].net) if opts.adversarial else None
         self.objective = critic_objective(recipe.critic)
         # nonsat: the objective's own consistent term (softplus(log M - l) for N²CE); kl: the reward -l
         self.generator_term = self.objective.generator_loss if opts.generator_loss == "nonsat" else generator_reverse_kl
@@ -75,14 +75,14 @@ class SiD(Method):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         train, opts = self.recipe.train, self.recipe.method
         return {
-            "fake_score": torch.optim.Adam(self.nets["fake_score"].parameters(), lr=opts.fake_lr, betas=train.adam_betas),
-            "generator": torch.optim.Adam(self.nets["generator"].parameters(), lr=train.lr, betas=train.adam_betas),
+            "fake_score": torch.optim.Adam(self.nets.read["fake_score"].parameters(), lr=opts.fake_lr, betas=train.adam_betas),
+            "generator": torch.optim.Adam(self.nets.read["generator"].parameters(), lr=train.lr, betas=train.adam_betas),
         }
 
     def _generate(self, batch_size: int, device: torch.device) -> torch.Tensor:
-        z = self.processes.randn(batch_size, *unwrap(self.nets["generator"]).denoiser.sample_shape, device=device)
+        z = self.processes.randn(batch_size, *self.nets.read["generator"].denoiser.sample_shape, device=device)
         steps = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return self.nets["generator"](self.recipe.method.sigma_init * z, steps, torch.zeros_like(z))
+        return self.nets.train["generator"](self.recipe.method.sigma_init * z, steps, torch.zeros_like(z))
 
     def _critic_logits(self, logits: torch.Tensor) -> torch.Tensor:
         clamp = self.recipe.method.logit_clamp
@@ -92,7 +92,7 @@ class SiD(Method):
         return logits.clamp(offset - clamp, offset + clamp)
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
-        opts, sd = self.recipe.method, unwrap(self.nets["fake_score"]).sigma_data
+        opts, sd = self.recipe.method, self.nets.read["fake_score"].sigma_data
         B, device = batch.shape[0], batch.device
         images_seen = step * self.recipe.train.batch_size
         view = lambda t: t.view(-1, *([1] * (batch.dim() - 1)))  # noqa: E731  (per-sample scalars over pixels)
@@ -104,7 +104,7 @@ class SiD(Method):
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
         noise = torch.cat([self.processes.randn(B, *batch.shape[1:], device=device) for _ in range(2)])
         inputs = torch.cat([x_g, batch]) + view(sigma.repeat(2)) * noise
-        denoised = self.nets["fake_score"](inputs, sigma.repeat(2))
+        denoised = self.nets.train["fake_score"](inputs, sigma.repeat(2))
         fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).sum(1)).mean()
         logs = {"loss_fake_score": fake_loss.detach()}
         critic_logits = None
@@ -126,7 +126,7 @@ class SiD(Method):
         sigma = (hi + (1 - t) * (lo - hi)) ** 7
         x_t = x_g + view(sigma) * self.processes.randn(B, *batch.shape[1:], device=device)
         # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction
-        real, fake = self.frozen["teacher"](x_t, sigma), unwrap(self.nets["fake_score"])(x_t, sigma)
+        real, fake = self.frozen["teacher"](x_t, sigma), self.nets.read["fake_score"](x_t, sigma)
         w = (x_g - real).abs().flatten(1).mean(1).clamp_min(MIN_NORMALISER).detach()
         per_pixel = (real - fake) * ((real - x_g) - opts.alpha * (real - fake))
         sid_loss = (per_pixel.flatten(1).sum(1) / w).mean()
@@ -141,7 +141,7 @@ class SiD(Method):
         return StepOutput(logs, critic_logits)
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return unwrap(model).sample(batch_size, generator=generator)
+        return model.sample(batch_size, generator=generator)
 
     def export(self, model: nn.Module, directory: Path) -> None:
-        FewStepPipeline.from_sampler(unwrap(model)).save_pretrained(directory)
+        FewStepPipeline.from_sampler(model).save_pretrained(directory)

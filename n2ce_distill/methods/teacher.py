@@ -16,7 +16,7 @@ from ..config import RecipeConfig
 from ..denoisers import EDMDenoiser, VPEpsilonDenoiser
 from ..nets import ToyMLP, tiny_unet
 from ..samplers import teacher_sample
-from .base import Method, StepOutput, Update, unwrap
+from .base import Method, StepOutput, Update
 
 __all__ = ["TeacherTraining"]
 
@@ -45,13 +45,13 @@ class TeacherTraining(Method):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         train = self.recipe.train
-        return {"denoiser": torch.optim.Adam(self.nets["denoiser"].parameters(), lr=train.lr, betas=train.adam_betas)}
+        return {"denoiser": torch.optim.Adam(self.nets.read["denoiser"].parameters(), lr=train.lr, betas=train.adam_betas)}
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
-        denoiser = unwrap(self.nets["denoiser"])
+        denoiser = self.nets.read["denoiser"]
         sigma = self.processes.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
         noise = self.processes.randn(len(batch), *batch.shape[1:], device=batch.device)
-        loss = denoiser.denoising_loss(batch, sigma=sigma, noise=noise, model=self.nets["denoiser"]).mean()
+        loss = denoiser.denoising_loss(batch, sigma=sigma, noise=noise, model=self.nets.train["denoiser"]).mean()
         update("denoiser", loss)
         return StepOutput({"loss_denoise": loss.detach()})
 
