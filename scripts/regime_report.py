@@ -16,6 +16,7 @@ from pathlib import Path
 
 from n2ce_distill.benchmarks.report import label_pair, markdown_table, print_report, run_groups
 from n2ce_distill.diagnostics import REGIMES
+from n2ce_distill.errors import InputError
 
 FIELDS = ("regime", "logit_rms", "logit_gap", "acc_data", "acc_noise")
 
@@ -35,7 +36,7 @@ def read_critic_log(run: Path) -> dict[str, dict[int, float]]:
             if f"critic/{field}" in accumulator.Tags()["scalars"]:
                 log[field] |= {e.step: e.value for e in accumulator.Scalars(f"critic/{field}")}
     if not log["regime"]:
-        raise ValueError(f"{run}: no critic/regime scalars (a method without a critic, or logged before they existed)")
+        raise InputError(f"{run}: no critic/regime scalars (a method without a critic, or logged before they existed)")
     return log
 
 
@@ -43,7 +44,7 @@ def regime_table(groups: dict[str, list[Path]], window: int) -> str:
     rows = []
     for label, runs in groups.items():
         if not runs:
-            raise ValueError(f"{label}: no run folders")
+            raise InputError(f"{label}: no run folders")
         logs = [read_critic_log(run) for run in runs]
         last = max(max(log["regime"]) for log in logs)
         for start in range(0, last, window):

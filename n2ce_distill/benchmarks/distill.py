@@ -26,6 +26,7 @@ from ..checkpoints import list_checkpoints
 from ..config import load_recipe
 from ..data import EightGaussians
 from ..demo import cached_baseline
+from ..errors import InputError
 from ..pipelines import load_sample_source
 from ..shipped import shipped
 from ..toy_metrics import eight_gaussians_report
@@ -200,10 +201,10 @@ def fid_log_report(
     rows = []
     for label, runs in groups.items():
         if not runs:
-            raise ValueError(f"{label}: no run folders")
+            raise InputError(f"{label}: no run folders")
         logs = [{step: fid for step, fid in _read_fid_log(run).items() if max_step is None or step <= max_step} for run in runs]
         if not all(logs):
-            raise ValueError(f"{label}: a run has no FID entry at or before step {max_step}")
+            raise InputError(f"{label}: a run has no FID entry at or before step {max_step}")
         for log in logs:
             for step, fid in log.items():
                 curves.setdefault(label, {}).setdefault(step, []).append(fid)
@@ -227,9 +228,9 @@ def _read_fid_log(run: Path) -> dict[int, float]:
             entry = json.loads(line)
             log[int(entry["step"])] = float(entry["fid"])  # a resumed run re-logs a step: the later entry wins
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}:{number}: not a FID log entry ({error})") from None
+            raise InputError(f"{path}:{number}: not a FID log entry ({error})") from None
     if not log:
-        raise ValueError(f"{path}: empty FID log")
+        raise InputError(f"{path}: empty FID log")
     return log
 
 

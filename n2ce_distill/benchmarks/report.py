@@ -17,6 +17,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from matplotlib.figure import Figure
 
+from ..errors import InputError
+
 __all__ = ["markdown_table", "fmt", "new_figure", "save_figure", "single_thread", "label_pair", "run_groups",
            "print_report"]
 
@@ -95,10 +97,11 @@ def run_groups(pairs: Sequence[tuple[str, str]]) -> dict[str, list[Path]]:
 
 
 def print_report(make: Callable[[], str]) -> int:
-    """Print ``make()`` and return 0; a ValueError or FileNotFoundError is one line on stderr and 2."""
+    """Print ``make()`` and return 0; bad input (:class:`~n2ce_distill.errors.InputError`, a missing file) is one
+    line on stderr and 2, anything else a traceback."""
     try:
         print(make())
-    except (ValueError, FileNotFoundError) as error:
+    except (InputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
