@@ -36,7 +36,8 @@ def load_demo_recipe(overrides: list[str] = ()) -> RecipeConfig:
 
 
 def run_demo(out: Path, quick: bool = False) -> str:
-    from .fid import evaluate_samples, fid_table
+    from .fid import evaluate_samples
+    from .reporting import metric_table
 
     # no FID hook: the table below scores the student once, at the end
     recipe = load_demo_recipe([*(QUICK_OVERRIDES if quick else FULL_OVERRIDES), "eval.fid_every=0"])
@@ -63,7 +64,7 @@ def run_demo(out: Path, quick: bool = False) -> str:
         rows.append({"label": label, "step": None, "fid": metrics["fid"]})
     grid = out / "student_samples.png"
     save_samples(load_sample_source(student)(64, torch.Generator().manual_seed(0)), grid)
-    table = fid_table(rows)
+    table = metric_table(rows)
     (out / "results.md").write_text(table + "\n")
     return (f"{table}\n\nsample grid: {grid}\nrun folder: {run_dir}\n"
             f"trained {recipe.train.max_steps} of the recipe's {load_demo_recipe().train.max_steps} iterations; the whole run: "

@@ -132,7 +132,8 @@ def evaluate_inputs(
     folder; ``extractor`` None takes :func:`default_extractor` of ``ref``.
     """
     from .data import TOY_DISTRIBUTIONS
-    from .fid import evaluate_samples, fid_table, plot_fid_curve, write_rows
+    from .fid import evaluate_samples
+    from .reporting import metric_table, plot_metric_curve, write_rows
 
     toy = ref in TOY_DISTRIBUTIONS
     if toy and (kid or prc or extractor not in (None, "auto")):
@@ -153,5 +154,5 @@ def evaluate_inputs(
     write_rows(rows, out / "fid.csv")
     write_rows(rows, out / "fid.json")
     if any(row["step"] is not None for row in rows):
-        plot_fid_curve(rows, out / "fid.png")
-    return fid_table(rows)
+        plot_metric_curve(rows, out / "fid.png")
+    return metric_table(rows)

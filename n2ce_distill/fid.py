@@ -23,8 +23,6 @@ Evaluation is deterministic for a seed and leaves the caller's global RNG state 
 untouched: torch-fidelity's DataLoader draws from the global generator.
 """
 
-import csv
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -55,11 +53,7 @@ from .fid_inputs import (
 __all__ = [
     "NAMED_REFERENCES",
     "evaluate_samples",
-    "fid_table",
-    "plot_fid_curve",
-    "primary_metric",
     "save_reference_stats",
-    "write_rows",
 ]
 
 INCEPTION = "inception-v3-compat"
@@ -237,86 +231,4 @@ def save_reference_stats(
     path = Path(path).with_suffix(".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, mu=stats["mu"], sigma=stats["sigma"], extractor=name, num_images=n_ref)
-    return path
-
-
-# ---- reporting: a row is a dict with label, step (int, or None for a baseline), fid, and optionally
-# kid / precision / recall (plus any other keys, kept by the CSV/JSON writers)
-
-METRIC_COLUMNS = ("fid", "kid", "precision", "recall",  # images
-                  "sw2", "nll", "modes_covered", "mode_balance", "off_mode_fraction")  # 2-D toys
-
-
-def primary_metric(rows: list[dict]) -> str:
-    """The lower-is-better number a table bolds and a curve plots: FID, or SW2 for the 2-D toys."""
-    return "fid" if any(r.get("fid") is not None for r in rows) or not rows else "sw2"
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def fid_table(rows: list[dict]) -> str:
-    """Markdown table of rows; the lowest value of the :func:`primary_metric` is in bold."""
-    key = primary_metric(rows)
-    cols = ["label", "step"] + [c for c in METRIC_COLUMNS if any(r.get(c) is not None for r in rows)]
-    best = min((r[key] for r in rows if r.get(key) is not None), default=None)
-    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
-    for r in rows:
-        cells = [_fmt(r.get(c)) for c in cols]
-        if best is not None and r.get(key) == best:
-            cells[cols.index(key)] = f"**{cells[cols.index(key)]}**"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_rows(rows: list[dict], path: str | Path) -> Path:
-    """Write rows as CSV (``.csv``: label, step, metrics first, then other keys) or JSON (``.json``)."""
-    path = Path(path)
-    if path.suffix not in (".csv", ".json"):
-        raise ValueError(f"write_rows writes .csv or .json files, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(rows, indent=2, default=float) + "\n")
-        return path
-    keys = list(dict.fromkeys(["label", "step", *METRIC_COLUMNS, *(k for r in rows for k in r)]))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in keys if any(k in r for r in rows)])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def plot_fid_curve(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """PNG of the :func:`primary_metric` (FID, or SW2) against training step, one line per label, best checkpoint
-    of each starred; baselines (step None) are dashed horizontal lines."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2))
-    FigureCanvasAgg(fig)  # the Agg canvas, without touching pyplot's global backend
-    ax = fig.add_subplot()
-    key = primary_metric(rows)
-    curves = [r for r in rows if r.get("step") is not None and r.get(key) is not None]
-    for label in dict.fromkeys(r["label"] for r in curves):
-        pts = sorted((r["step"], r[key]) for r in curves if r["label"] == label)
-        (line,) = ax.plot(*zip(*pts), marker="o", ms=3, label=label)
-        step, value = min(pts, key=lambda p: p[1])
-        ax.scatter([step], [value], marker="*", s=180, color=line.get_color(), edgecolor="k", zorder=3,
-                   label=f"best {label}: {value:.3g} @ step {step}")  # fmt: skip
-    for r in rows:
-        if r.get("step") is None and r.get(key) is not None:
-            ax.axhline(r[key], ls="--", lw=1, color="gray")
-            ax.annotate(f"{r['label']} ({r[key]:.3g})", (0.01, r[key]), xycoords=("axes fraction", "data"),
-                        va="bottom", fontsize=8, color="gray")  # fmt: skip
-    name = key.upper()
-    ax.set(xlabel="training step", ylabel=name, title=title or f"{name} during training")
-    if curves:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
     return path

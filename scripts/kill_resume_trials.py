@@ -26,7 +26,7 @@ import yaml
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from n2ce_distill.benchmarks.report import markdown_table
+from n2ce_distill.reporting import markdown_table
 from n2ce_distill.denoisers import VPEpsilonDenoiser
 from n2ce_distill.nets import tiny_unet
 

@@ -14,9 +14,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from n2ce_distill.benchmarks.report import label_pair, markdown_table, print_report, run_groups
+from n2ce_distill.benchmarks.report import label_pair, print_report, run_groups
 from n2ce_distill.diagnostics import REGIMES
 from n2ce_distill.errors import InputError
+from n2ce_distill.reporting import markdown_table
 
 FIELDS = ("regime", "logit_rms", "logit_gap", "acc_data", "acc_noise")
 

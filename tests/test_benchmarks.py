@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from n2ce_distill.benchmarks import BENCHMARKS, chasm, mle_gradient, u_curve
-from n2ce_distill.benchmarks.report import fmt, markdown_table
+from n2ce_distill.reporting import fmt, markdown_table
 
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:

@@ -12,7 +12,8 @@ from torch_fidelity import FeatureExtractorInceptionV3
 
 from n2ce_distill import fid_inputs
 from n2ce_distill.feature_extractors import digits_uint8
-from n2ce_distill.fid import evaluate_samples, fid_table, plot_fid_curve, save_reference_stats, write_rows
+from n2ce_distill.fid import evaluate_samples, save_reference_stats
+from n2ce_distill.reporting import metric_table, plot_metric_curve, write_rows
 
 DIGITS = digits_uint8()
 PERM = torch.randperm(len(DIGITS), generator=torch.Generator().manual_seed(0))
@@ -182,7 +183,7 @@ def test_table_writers_and_plot(tmp_path):
         {"label": "nce", "step": 100, "fid": 4.5},
         {"label": "nce", "step": 200, "fid": 3.9},
     ]
-    table = fid_table(rows)
+    table = metric_table(rows)
     assert table.splitlines()[0] == "| label | step | fid | kid |"
     assert "| n2ce | 200 | **3.25** | - |" in table and "| teacher 35 steps | - | 5 | - |" in table
     with open(write_rows(rows, tmp_path / "fid.csv")) as f:
@@ -191,7 +192,7 @@ def test_table_writers_and_plot(tmp_path):
     assert json.loads(write_rows(rows, tmp_path / "fid.json").read_text()) == rows
     with pytest.raises(ValueError, match=".txt"):
         write_rows(rows, tmp_path / "fid.txt")
-    png = plot_fid_curve(rows, tmp_path / "plots" / "fid.png")
+    png = plot_metric_curve(rows, tmp_path / "plots" / "fid.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

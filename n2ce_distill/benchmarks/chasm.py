@@ -43,7 +43,8 @@ from torch import nn
 
 from ..multistage import MultiStageCritic, multistage_loss, waymark_coefficients
 from ..objectives import build_objective
-from .report import markdown_table, new_figure, save_figure, single_thread
+from ..reporting import markdown_table, new_figure, save_figure
+from .report import single_thread
 
 __all__ = ["QuadraticCritic", "Method", "METHODS", "Problem", "block_correlation", "block_covariance",
            "true_log_ratio", "sample_p", "epoch_batches", "fresh_batches", "fit", "evaluate", "run"]

@@ -98,7 +98,7 @@ def _sampling_cost(student: Path, teacher: str, num_samples: int) -> str:
 
 
 def _run(setting: Setting, metric: Metric, out: Path, title: str) -> str:
-    from .report import markdown_table
+    from ..reporting import markdown_table
 
     teacher = str(shipped("assets", setting.teacher))
     key = setting.metric_name
@@ -151,7 +151,7 @@ def curve_report(
 ) -> list[str]:
     """The seed-mean curve table (at most ``max_columns`` evenly spaced steps), the first step at which each
     variant's seed mean reaches ``reach``, and the curves saved as ``out/<title>.png`` (baselines as lines)."""
-    from .report import markdown_table, new_figure, save_figure
+    from ..reporting import markdown_table, new_figure, save_figure
 
     fig, (ax,) = new_figure()
     for label, by_step in curves.items():
@@ -194,7 +194,7 @@ def fid_log_report(
     benchmark are compared this way: final and best FID over seeds, the curve, iterations to ``reach``.
     ``max_step`` drops later entries, to compare runs of different lengths at equal iterations.
     """
-    from .report import markdown_table
+    from ..reporting import markdown_table
 
     baselines = baselines or {}
     curves: dict[str, dict[int, list[float]]] = {}

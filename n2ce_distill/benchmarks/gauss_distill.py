@@ -35,7 +35,8 @@ from torch import nn
 from ..diagnostics import REGIMES, critic_diagnostics
 from ..objectives import build_objective
 from .chasm import QuadraticCritic, block_correlation, block_covariance, sample_p
-from .report import markdown_table, new_figure, save_figure, single_thread
+from ..reporting import markdown_table, new_figure, save_figure
+from .report import single_thread
 
 __all__ = ["Setting", "SETTINGS", "OBJECTIVES", "GaussianGenerator", "Run", "train", "run"]
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ..objectives import n2ce_loss
-from .report import markdown_table, new_figure, save_figure, single_thread
+from ..reporting import markdown_table, new_figure, save_figure
+from .report import single_thread
 
 __all__ = ["DATA_MEAN", "MS", "gauss_hermite_2d", "expected_gradient", "mle_gradient", "trajectory", "run"]
 

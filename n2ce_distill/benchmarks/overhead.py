@@ -23,7 +23,8 @@ import torch
 
 from ..critics import ConvCritic
 from ..objectives import N2CE, NCE
-from .report import markdown_table, new_figure, save_figure, single_thread
+from ..reporting import markdown_table, new_figure, save_figure
+from .report import single_thread
 
 __all__ = ["time_steps", "run"]
 

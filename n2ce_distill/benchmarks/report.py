@@ -1,26 +1,21 @@
-"""Shared helpers for the benchmarks: markdown tables, number formatting, PNG figures.
-
-Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot), so benchmarks never touch
-global plotting state or need a display backend.
+"""Helpers the benchmarks and the report scripts share: one-thread timing, ``LABEL=GLOB`` run groups, and a
+report printer that turns bad input into one line. Tables, CSV/JSON and figures are in :mod:`n2ce_distill.reporting`.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from matplotlib.figure import Figure
 
 from ..errors import InputError
 
-__all__ = ["markdown_table", "fmt", "new_figure", "save_figure", "single_thread", "label_pair", "run_groups",
-           "print_report"]
+__all__ = ["single_thread", "label_pair", "run_groups", "print_report"]
 
 
 @contextmanager
@@ -37,47 +32,6 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def fmt(value, digits: int = 3) -> str:
-    """A float with ``digits`` significant digits (``%g`` style); ints and strings pass through."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.{digits}g}"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """A GitHub markdown table; non-string cells are formatted with :func:`fmt`."""
-    cells = [[fmt(c) for c in row] for row in rows]
-    if any(len(row) != len(headers) for row in cells):
-        raise ValueError("every row must have one cell per header")
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
-def new_figure(ncols: int = 1, width: float = 5.0, height: float = 4.0, nrows: int = 1):
-    """A figure with ``nrows`` x ``ncols`` axes (each ``width`` x ``height``); returns ``(fig, axes_list)``,
-    the axes row by row."""
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, [ax for row in axes for ax in row]
-
-
-def save_figure(fig: Figure, out: Path, name: str) -> Path:
-    """Save ``fig`` as ``out/name`` (PNG, 120 dpi), creating ``out``; returns the path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    fig.savefig(path, dpi=120)
-    return path
 
 
 def label_pair(text: str) -> tuple[str, str]:

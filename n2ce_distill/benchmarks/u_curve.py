@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..objectives import n2ce_loss
-from .report import fmt, markdown_table, new_figure, save_figure, single_thread
+from ..reporting import fmt, markdown_table, new_figure, save_figure
+from .report import single_thread
 
 __all__ = ["DIM", "DATA_SHIFT", "EVAL_FRACTION", "NS", "m_grid", "gradient_mse", "best_M", "run"]
 
