@@ -86,9 +86,10 @@ def test_u_curve_quick(quick_results):
 def test_overhead_quick(quick_results):
     out, results = quick_results
     header, rows = _table(results["overhead"])
-    assert header == ["variant", "noise samples / step", "median step (ms)", "IQR (ms)", "ratio to NCE"]
+    assert header == ["variant", "noise samples / step", "median step (ms)", "IQR (ms)",
+                      "ratio to NCE, paired by round (IQR)"]
     assert [r[0] for r in rows] == ["NCE", "N2CE (M=100)", "naive copies (M=4)"]
-    assert rows[0][4] == "1.000" and all(float(r[4]) > 0 for r in rows)
+    assert rows[0][4] == "1.000 (1.000 .. 1.000)" and all(float(r[4].split()[0]) > 0 for r in rows)
     assert int(rows[2][1]) == 4 * int(rows[0][1])
     assert (out / "overhead.png").stat().st_size > 0
 
