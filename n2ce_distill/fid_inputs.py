@@ -153,8 +153,11 @@ def file_hash(path: Path) -> str:
 
 
 def image_shape(data, seed: int, device: torch.device) -> tuple[int, ...]:
-    """(C, H, W) of a source or reference; grey images stored as RGB count as one channel."""
+    """(C, H, W) of a source or reference; grey images stored as RGB count as one channel. A source that states
+    its ``sample_shape`` (every pipeline and teacher source) is not sampled."""
     if callable(data):
+        if hasattr(data, "sample_shape"):
+            return tuple(data.sample_shape)
         return tuple(data(1, torch.Generator(device).manual_seed(seed)).shape[1:])
     if isinstance(data, str) and data in NAMED_REFERENCES:
         return NAMED_REFERENCES[data][0]

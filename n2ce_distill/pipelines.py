@@ -125,7 +125,8 @@ def load_sample_source(
     path: str | Path, steps: int | None = None, method: str = "ancestral", spacing: str | None = None, device: str = "cpu"
 ) -> SampleSource:
     """A ``generate(batch_size, generator)`` callable for an exported pipeline or, with ``steps``, a teacher
-    (``method`` and ``spacing`` as in :func:`~n2ce_distill.samplers.teacher_sample`)."""
+    (``method`` and ``spacing`` as in :func:`~n2ce_distill.samplers.teacher_sample`). Its ``sample_shape``
+    attribute is the shape of one sample, known without sampling (a 1000-step teacher takes seconds per draw)."""
     path = Path(path)
     index = path / "model_index.json"
     if not index.is_file():
@@ -133,13 +134,20 @@ def load_sample_source(
     if steps is None and '"FewStepPipeline"' in index.read_text():
         pipe = FewStepPipeline.from_pretrained(str(path)).to(device)
         sampler = pipe.sampler()
-        return torch.no_grad()(lambda n, g: clamp_images(sampler.sample(n, generator=g)))
+        return _with_shape(lambda n, g: clamp_images(sampler.sample(n, generator=g)), sampler.denoiser.sample_shape)
     if steps is None:
         raise InputError(f"{path}: a teacher needs a number of sampling steps (PATH@STEPS)")
     denoiser = load_denoiser(str(path)).to(device).eval()
-    return torch.no_grad()(
-        lambda n, g: clamp_images(teacher_sample(denoiser, n, steps=steps, method=method, spacing=spacing, generator=g))
+    return _with_shape(
+        lambda n, g: clamp_images(teacher_sample(denoiser, n, steps=steps, method=method, spacing=spacing, generator=g)),
+        denoiser.sample_shape,
     )
+
+
+def _with_shape(generate: SampleSource, sample_shape) -> SampleSource:
+    generate = torch.no_grad()(generate)
+    generate.sample_shape = tuple(sample_shape)
+    return generate
 
 
 def clamp_images(samples: torch.Tensor) -> torch.Tensor:

@@ -97,3 +97,19 @@ def test_diffusers_own_loader_finds_the_pipeline(vp_teacher, tmp_path):
     ours = FewStepPipeline.from_pretrained(tmp_path)
     torch.testing.assert_close(pipe(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images,
                                ours(batch_size=2, generator=torch.Generator().manual_seed(3), output_type="pt").images)
+
+
+def test_sources_state_their_sample_shape_and_fid_reads_it_without_sampling(sampler, vp_teacher, tmp_path):
+    from n2ce_distill.fid_inputs import image_shape
+
+    FewStepPipeline.from_sampler(sampler.eval()).save_pretrained(tmp_path / "student")
+    for source in (load_sample_source(tmp_path / "student"), load_sample_source(vp_teacher, steps=2)):
+        assert source.sample_shape == tuple(source(3, torch.Generator().manual_seed(0)).shape[1:])
+
+    class Expensive:  # a 1000-step teacher, say: the probe must not call it
+        sample_shape = (1, 8, 8)
+
+        def __call__(self, n, generator):
+            raise AssertionError("sampled only to read a shape")
+
+    assert image_shape(Expensive(), 0, torch.device("cpu")) == (1, 8, 8)
