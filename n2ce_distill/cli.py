@@ -85,6 +85,8 @@ def _bench(args: argparse.Namespace) -> None:
     if name not in BENCHMARKS:
         raise InputError(f"bench: unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
     out = Path(args.out or f"bench-output/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     print(BENCHMARKS[name](quick=args.quick, out=out))
     print(f"plots in {out}")

@@ -55,8 +55,8 @@ def resolve_source(spec: str, device: str = "cpu") -> tuple[str, Generate]:
         raise FileNotFoundError(f"input {spec!r}: {path} does not exist")
     if at:
         steps, _, method = steps_part.partition(":")
-        if not steps.isdigit() or method not in ("", "ancestral", "euler"):
-            raise InputError(f"input {spec!r}: expected PATH@STEPS[:ancestral|euler]")
+        if not steps.isdigit() or int(steps) < 1 or method not in ("", "ancestral", "euler"):
+            raise InputError(f"input {spec!r}: expected PATH@STEPS[:ancestral|euler] with STEPS >= 1")
         method = method or "ancestral"
         return f"{path.name} {method} {steps} steps", load_sample_source(path, steps=int(steps), method=method, device=device)
     if _is_run(path) and not (path / "model_index.json").is_file():
@@ -133,13 +133,19 @@ def evaluate_inputs(
     """
     from .data import TOY_DISTRIBUTIONS
     from .fid import evaluate_samples
+    from .fid_inputs import check_reference
     from .reporting import metric_table, plot_metric_curve, write_rows
 
     toy = ref in TOY_DISTRIBUTIONS
     if toy and (kid or prc or extractor not in (None, "auto")):
         raise InputError(f"--ref {ref}: a 2-D toy is scored by SW2 and NLL; --kid, --prc and --extractor are for images")
+    if not toy:
+        check_reference(ref)
     rows = []
     for item in resolve_inputs(specs):
+        if not toy and len(getattr(item.source, "sample_shape", (0, 0, 0))) != 3:
+            raise InputError(f"input {item.label!r}: draws points of shape {tuple(item.source.sample_shape)}, not images; "
+                             f"score them against a 2-D toy (--ref {' | '.join(TOY_DISTRIBUTIONS)})")
         count = num_samples if num_samples is not None or isinstance(item.source, Path) else DEFAULT_SAMPLES
         if toy:
             metrics = _toy_metrics(item, ref, count, batch_size, seed)

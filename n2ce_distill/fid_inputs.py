@@ -29,6 +29,7 @@ __all__ = [
     "LazyReference",
     "StreamingSource",
     "check_path",
+    "check_reference",
     "file_hash",
     "image_files",
     "image_shape",
@@ -165,6 +166,17 @@ def image_shape(data, seed: int, device: torch.device) -> tuple[int, ...]:
     return (1 if (img == img[..., :1]).all() else 3, *img.shape[:2])
 
 
+def check_reference(ref) -> None:
+    """Refuse a reference that is no named dataset and looks like one (a bare word that is not a path)."""
+    path = Path(ref)
+    if isinstance(ref, str) and ref not in NAMED_REFERENCES and not path.exists() and not path.suffix \
+            and len(path.parts) == 1:
+        raise InputError(
+            f"unknown reference {ref!r}: not a named dataset ({', '.join(NAMED_REFERENCES)}), "
+            "an existing image folder or a .npz statistics file (2-D toys: 8gaussians, spirals, checkerboard)"
+        )
+
+
 def reference_input(ref, rgb: bool, tag: str):
     """(torch-fidelity input or None, cache name or None, number of images, .npz statistics or None).
 
@@ -173,12 +185,8 @@ def reference_input(ref, rgb: bool, tag: str):
     """
     if isinstance(ref, str) and ref in NAMED_REFERENCES:
         return LazyReference(ref, rgb), f"{ref}-{tag}", NAMED_REFERENCES[ref][1], None
+    check_reference(ref)
     path = Path(ref)
-    if not path.exists() and isinstance(ref, str) and not path.suffix and len(path.parts) == 1:
-        raise InputError(
-            f"unknown reference {ref!r}: not a named dataset ({', '.join(NAMED_REFERENCES)}), "
-            "an existing image folder or a .npz statistics file"
-        )
     if check_path(ref, "reference").suffix == ".npz":
         with np.load(path) as z:
             if not {"mu", "sigma"} <= set(z.files):

@@ -69,8 +69,11 @@ def toy_report(samples: torch.Tensor, name: str) -> dict[str, float]:
     coverage of :func:`eight_gaussians_report`."""
     if name not in TOY_DISTRIBUTIONS:
         raise InputError(f"unknown 2-D toy {name!r}; choose from {sorted(TOY_DISTRIBUTIONS)}")
-    if samples.dim() != 2 or samples.shape[1] != 2:
-        raise InputError(f"the 2-D toy {name!r} needs (N, 2) points, got samples of shape {tuple(samples.shape)}")
+    if samples.dim() != 2 or samples.shape[1] != 2 or len(samples) == 0:
+        raise InputError(f"the 2-D toy {name!r} needs (N, 2) points, N >= 1, got samples of shape {tuple(samples.shape)}")
+    bad = int((~torch.isfinite(samples)).any(dim=1).sum())
+    if bad:
+        raise InputError(f"{bad} of {len(samples)} points are not finite (nan or inf)")
     dist = TOY_DISTRIBUTIONS[name]()
     reference = dist.sample(len(samples), torch.Generator().manual_seed(REFERENCE_SEED))
     if isinstance(dist, EightGaussians):

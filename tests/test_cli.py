@@ -284,3 +284,12 @@ def test_config_names_an_ignored_objective_parameter(dxmi_recipe, capsys):
     captured = capsys.readouterr()
     assert captured.err == "n2ce-distill config: note: critic.M: not used by objective 'nce'; ignored\n"
     assert "objective: nce" in captured.out
+
+
+def test_more_usage_errors_of_bench_and_sample(tmp_path, vp_teacher, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["bench", "mle_gradient", "--quick", "--out", str(tmp_path / "a-file")]) == 2
+    assert main(["sample", f"{vp_teacher}@0", "--num-samples", "2", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("exists and is not a folder") and err[1].endswith("with STEPS >= 1") and len(err) == 2
+    assert not (tmp_path / "s").exists()

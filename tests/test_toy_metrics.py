@@ -43,7 +43,7 @@ def test_toy_report_follows_the_named_toy_and_refuses_images():
     assert report["nll"] == pytest.approx(float(-EightGaussians().log_prob(x).double().mean()))
     # the same points against another toy: only SW2, and far worse
     assert set(toy_report(x, "checkerboard")) == {"sw2"} and toy_report(x, "checkerboard")["sw2"] > 5 * report["sw2"]
-    with pytest.raises(ValueError, match=r"needs \(N, 2\) points, got samples of shape \(4, 1, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"needs \(N, 2\) points, N >= 1, got samples of shape \(4, 1, 8, 8\)"):
         toy_report(torch.zeros(4, 1, 8, 8), "8gaussians")
     with pytest.raises(ValueError, match="unknown 2-D toy 'moons'"):
         toy_report(x, "moons")
@@ -90,3 +90,19 @@ class _Crafted:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def test_empty_or_non_finite_points_and_points_against_an_image_reference_are_refused(tmp_path, toy_teacher):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 2), dtype=np.float32))
+    points = EightGaussians().sample(10, torch.Generator().manual_seed(0)).numpy()
+    points[3] = np.nan
+    np.save(tmp_path / "nan.npy", points)
+    with pytest.raises(ValueError, match=r"input 'empty.npy': .*N >= 1, got samples of shape \(0, 2\)"):
+        evaluate_inputs([str(tmp_path / "empty.npy")], "8gaussians", num_samples=None, out=tmp_path / "out")
+    with pytest.raises(ValueError, match="input 'nan.npy': 1 of 10 points are not finite"):
+        evaluate_inputs([str(tmp_path / "nan.npy")], "8gaussians", num_samples=None, out=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"draws points of shape \(2,\), not images; score them against a 2-D toy"):
+        evaluate_inputs([f"{toy_teacher}@2"], "digits", num_samples=10, out=tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown reference 'moons'.*2-D toys: 8gaussians"):
+        evaluate_inputs([f"{toy_teacher}@2"], "moons", num_samples=10, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
