@@ -89,7 +89,9 @@ def load_points(path: str | Path) -> torch.Tensor:
     if not file.is_file() or file.suffix != ".npy":
         raise InputError(f"input {str(path)!r}: 2-D points are read from a .npy file or a folder holding samples.npy")
     try:
-        points = torch.from_numpy(np.load(file, allow_pickle=False)).float()
+        array = np.load(file, allow_pickle=False)
     except ValueError as error:  # a pickled or damaged array
         raise InputError(f"input {str(file)!r}: not a plain .npy array ({error})") from None
-    return points
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InputError(f"input {str(file)!r}: points must be real numbers, got dtype {array.dtype}")
+    return torch.from_numpy(array).float()

@@ -105,4 +105,7 @@ def test_empty_or_non_finite_points_and_points_against_an_image_reference_are_re
         evaluate_inputs([f"{toy_teacher}@2"], "digits", num_samples=10, out=tmp_path / "out")
     with pytest.raises(ValueError, match="unknown reference 'moons'.*2-D toys: 8gaussians"):
         evaluate_inputs([f"{toy_teacher}@2"], "moons", num_samples=10, out=tmp_path / "out")
+    np.save(tmp_path / "complex.npy", np.ones((10, 2), dtype=np.complex128))
+    with pytest.raises(ValueError, match="points must be real numbers, got dtype complex128"):
+        evaluate_inputs([str(tmp_path / "complex.npy")], "8gaussians", num_samples=None, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything was written
