@@ -134,7 +134,7 @@ def check_path(x, what: str) -> Path:
 def image_files(folder) -> list[str]:
     """Sorted image files directly in ``folder`` (torch-fidelity's own listing)."""
     if not check_path(folder, "image folder").is_dir():
-        raise NotADirectoryError(f"not an image folder: {folder}")
+        raise InputError(f"{folder}: not an image folder (2-D points: --ref 8gaussians | spirals | checkerboard)")
     files = glob_samples_paths(str(folder), False, IMAGE_EXTENSIONS, verbose=False)
     if not files:
         raise InputError(f"no images ({IMAGE_EXTENSIONS}) in folder {folder}")
