@@ -17,15 +17,22 @@ __all__ = ["main"]
 USAGE_ERROR = 2
 
 
-def _train(args: argparse.Namespace) -> None:
-    import yaml
-
+def _recipe(args: argparse.Namespace):
+    """The command's recipe with its overrides, each key it leaves unread named on stderr."""
     from .config import load_recipe
-    from .trainer import NonFiniteError, Trainer
 
     recipe = load_recipe(args.recipe, args.overrides)
     for line in recipe.unused_keys():
-        print(f"n2ce-distill train: note: {line}", file=sys.stderr)
+        print(f"n2ce-distill {args.command}: note: {line}", file=sys.stderr)
+    return recipe
+
+
+def _train(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .trainer import NonFiniteError, Trainer
+
+    recipe = _recipe(args)
     output_dir = Path(args.output_dir or Path("runs") / Path(args.recipe).stem)
     trainer = Trainer(recipe, output_dir, resume=args.resume, overwrite=args.overwrite)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -95,12 +102,7 @@ def _bench(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> None:
     import yaml
 
-    from .config import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    for line in recipe.unused_keys():
-        print(f"n2ce-distill config: note: {line}", file=sys.stderr)
-    print(yaml.safe_dump(recipe.resolved(), sort_keys=False), end="")
+    print(yaml.safe_dump(_recipe(args).resolved(), sort_keys=False), end="")
 
 
 def _demo(args: argparse.Namespace) -> None:

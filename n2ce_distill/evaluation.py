@@ -16,11 +16,10 @@ instead of FID, and a saved sample is a ``.npy`` file or a folder holding ``samp
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-
-import time
 
 import torch
 
@@ -108,7 +107,7 @@ def _toy_metrics(item: EvalInput, ref: str, count: int | None, batch_size: int, 
         points = torch.cat([item.source(size, generator).cpu() for size in sizes])
     try:
         report = toy_report(points, ref)
-    except ValueError as error:
+    except InputError as error:  # name the input; anything else is a bug and keeps its traceback
         raise InputError(f"input {item.label!r}: {error}") from None
     return {**report, "num_samples": len(points), "seconds": time.perf_counter() - start}
 
@@ -143,8 +142,9 @@ def evaluate_inputs(
         check_reference(ref)
     rows = []
     for item in resolve_inputs(specs):
-        if not toy and len(getattr(item.source, "sample_shape", (0, 0, 0))) != 3:
-            raise InputError(f"input {item.label!r}: draws points of shape {tuple(item.source.sample_shape)}, not images; "
+        shape = getattr(item.source, "sample_shape", None)  # generative inputs state it; folders do not
+        if not toy and shape is not None and len(shape) != 3:
+            raise InputError(f"input {item.label!r}: draws points of shape {tuple(shape)}, not images; "
                              f"score them against a 2-D toy (--ref {' | '.join(TOY_DISTRIBUTIONS)})")
         count = num_samples if num_samples is not None or isinstance(item.source, Path) else DEFAULT_SAMPLES
         if toy:

@@ -178,8 +178,7 @@ class CriticObjective(ABC):
     def generator_loss(self, l: Tensor, weight: Weight = None) -> Tensor:
         """The generator's non-saturating term consistent with this objective, on logits of generated samples:
         ``softplus(log_offset - l)`` (NCE / GAN ``-log D``; N²CE ``softplus(log M - l)``, gradient ``-M/(M+r)``)."""
-        offset = self.log_offset
-        return _generator_term(lambda x: F.softplus(offset - x), l, weight)
+        return _nonsat_at(self.log_offset, l, weight)
 
     def __init__(self, ratio_reg: float = 0.0):
         ratio_reg = float(ratio_reg)
@@ -277,15 +276,19 @@ def generator_minimax(l: Tensor, weight: Weight = None) -> Tensor:
     return _generator_term(lambda x: -F.softplus(x), l, weight)
 
 
+def _nonsat_at(offset: float, l: Tensor, weight: Weight) -> Tensor:
+    """The non-saturating term centred at a logit offset: ``softplus(offset - l)``."""
+    return _generator_term(lambda x: F.softplus(offset - x), l, weight)
+
+
 def generator_nonsat(l: Tensor, weight: Weight = None) -> Tensor:
     """Non-saturating GAN ``softplus(-l)`` (= ``-log D``); gradient ``-1/(1+r)``."""
-    return _generator_term(lambda x: F.softplus(-x), l, weight)
+    return _nonsat_at(0.0, l, weight)
 
 
 def generator_n2ce_nonsat(l: Tensor, M: float, weight: Weight = None) -> Tensor:
     """N²CE-consistent non-saturating term ``softplus(log M - l)``; gradient ``-M/(M+r)``."""
-    log_M = math.log(_check_M(M))
-    return _generator_term(lambda x: F.softplus(log_M - x), l, weight)
+    return _nonsat_at(math.log(_check_M(M)), l, weight)
 
 
 def generator_reverse_kl(l: Tensor, weight: Weight = None) -> Tensor:

@@ -78,13 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         # mostly kill it before step 1: wait for a random checkpoint instead (none: during set-up), then a
         # random fraction of one checkpoint interval, so kills land in set-up, steps and saves alike
         after = rng.choice([None, *range(2, STEPS + 1, 2)])
-        delay = rng.uniform(0.0, 1.0) * interval
+        delay = rng.uniform(0.1, 0.6) * straight_seconds if after is None else rng.uniform(0.0, 1.0) * interval
         proc = subprocess.Popen([*CLI, str(recipe), *OVERRIDES, "--output-dir", str(run)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while after is not None and not (run / f"checkpoint-{after}").is_dir() and proc.poll() is None:
             time.sleep(0.01)
-        if after is None:
-            delay = rng.uniform(0.1, 0.6) * straight_seconds
         time.sleep(delay)
         finished = proc.poll() is not None
         if not finished:
