@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from .data import DATASETS
 from .errors import InputError
@@ -27,6 +28,7 @@ __all__ = [
     "TeacherConfig",
     "CriticConfig",
     "TrainConfig",
+    "OptimConfig",
     "EvalConfig",
     "TeacherTrainingConfig",
     "DxMIConfig",
@@ -101,14 +103,39 @@ class TeacherNetConfig(_Strict):
 
 
 class CriticConfig(_Strict):
+    """The critic's objective and network. Besides these keys it takes the hyperparameters of the registered
+    objectives, each typed, constrained and defaulted by its objective's ``__init__`` (``critic.M``: N²CE's noise
+    magnification, 100 by default, the paper's value at batch 128)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
     objective: Annotated[str, AfterValidator(_registered(OBJECTIVES, "objective"))] = "n2ce"
-    M: PositiveFloat = 100.0  # N²CE's noise magnification; the paper used 100 at batch 128 (DxMI)
     ratio_reg: float = Field(1.0, ge=0)  # gamma in gamma (E_d l^2 + E_n l^2); DxMI uses 1
     channels: list[int] = Field(default_factory=lambda: [128, 256])  # DxMI ResNet encoder widths
     num_res_blocks: int = Field(6, ge=1)
     hidden_features: int = Field(256, ge=1)  # MLP critic for vector data
     num_layers: int = Field(3, ge=1)
-    lr: LearningRate = 1e-5  # DxMI CIFAR-10 value/critic learning rate
+
+    @model_validator(mode="after")
+    def _objective_parameters(self) -> "CriticConfig":
+        """Each extra key is a hyperparameter of some registered objective, validated against that objective's
+        annotation (the chosen objective's own when it has the key)."""
+        owners = {name: param for cls in reversed(list(OBJECTIVES.values())) for name, param in cls.parameters().items()}
+        owners |= OBJECTIVES[self.objective].parameters()
+        for key, value in list(self.model_extra.items()):
+            if key not in owners:
+                hint = difflib.get_close_matches(key, [*type(self).model_fields, *owners], n=1)
+                raise ValueError(f"critic.{key}: unknown key" + (f"; did you mean 'critic.{hint[0]}'?" if hint else ""))
+            try:
+                self.model_extra[key] = TypeAdapter(owners[key].annotation).validate_python(value)
+            except ValidationError as error:
+                raise ValueError(f"critic.{key}: {error.errors()[0]['msg']} (got {value!r})") from None
+        return self
+
+    def objective_parameters(self) -> dict[str, Any]:
+        """The chosen objective's hyperparameters: the recipe's values, else the objective's defaults."""
+        return {name: self.model_extra.get(name, param.default)
+                for name, param in OBJECTIVES[self.objective].parameters().items()}
 
     @model_validator(mode="after")
     def _blocks_per_stage(self) -> "CriticConfig":
@@ -129,8 +156,6 @@ class TrainConfig(_Strict):
     batch_size: int = Field(128, ge=1)  # global batch, split across processes
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    lr: LearningRate = 1e-4  # generator / sampler / teacher network learning rate
-    adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     checkpoint_every: int = Field(500, ge=1)
@@ -146,6 +171,16 @@ class TrainConfig(_Strict):
         return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
 
+AdamBeta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class OptimConfig(_Strict):
+    """Adam for one network of the method (a parameter group of its optimiser): ``optim.<net>.lr``."""
+
+    lr: LearningRate | None = None  # None: the method's default for this network (its ``optimized`` table)
+    betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.999)  # torch's defaults; SiD recipes use (0, 0.999)
+
+
 class EvalConfig(_Strict):
     fid_every: int = Field(0, ge=0)  # 0 disables the in-training FID hook
     fid_samples: int = Field(2000, ge=2)
@@ -153,16 +188,29 @@ class EvalConfig(_Strict):
     batch_size: int = Field(500, ge=1)
 
 
-class TeacherTrainingConfig(_Strict):
+class _MethodSection(_Strict):
+    """What every ``method`` section declares besides its own keys."""
+
+    # the critic section keys the method reads besides the objective's own (critic.objective, ratio_reg, M, ...)
+    critic_keys: ClassVar[frozenset[str]] = frozenset()
+    trains_critic: ClassVar[bool] = False
+    optimized: ClassVar[dict[str, float]] = {}  # network -> default learning rate (the keys of ``optim``)
+
+    def optimized_networks(self) -> dict[str, float]:
+        """The networks this recipe's method trains, each with its default learning rate."""
+        return dict(self.optimized)
+
+
+class TeacherTrainingConfig(_MethodSection):
     """Diffusion teacher trained from scratch by denoising score matching."""
 
     name: Literal["teacher"]
     net: TeacherNetConfig = Field(default_factory=TeacherNetConfig)
 
-    critic_keys: ClassVar[frozenset[str]] = frozenset()  # no critic
+    optimized: ClassVar[dict[str, float]] = {"denoiser": 1e-4}  # no critic
 
 
-class DxMIConfig(_Strict):
+class DxMIConfig(_MethodSection):
     """Few-step DxMI sampler, SPEC section 5."""
 
     name: Literal["dxmi"]
@@ -173,8 +221,6 @@ class DxMIConfig(_Strict):
     velocity_momentum: float = Field(0.99, ge=0, lt=1)  # v_k <- m v_k + (1-m) mean ||dx||^2
     last_scale: float | None = Field(1e-3, gt=0)  # fixes s_{T-1}; None learns it too
     eta: float = Field(1.0, ge=0, le=1)  # initial noise split: 1 = DDPM posterior std (DxMI), 0 = DDIM
-    log_scale_lr: LearningRate = 1e-5
-    value_lr: LearningRate = 1e-5
     share_value: bool = False  # DxMI original: one time-independent net for energy and value
     # the sampler learns only from steps k >= this: earlier steps land on noisy x_{k+1}, where V is the
     # critic's extrapolation plus a young TD correction (0 = every step, as DxMI)
@@ -183,9 +229,17 @@ class DxMIConfig(_Strict):
     # separates the initial student (0 = none, as DxMI; the density-chasm experiments use it)
     sampler_warmup_images: int = Field(0, ge=0)
 
-    # the critic section keys this method reads: all of them (its own critic network, MLP or ResNet)
-    critic_keys: ClassVar[frozenset[str]] = frozenset(
-        {"objective", "M", "ratio_reg", "channels", "num_res_blocks", "hidden_features", "num_layers", "lr"})
+    # its own critic network, MLP or ResNet
+    critic_keys: ClassVar[frozenset[str]] = frozenset({"channels", "num_res_blocks", "hidden_features", "num_layers"})
+    trains_critic: ClassVar[bool] = True
+    # DxMI CIFAR-10 learning rates; the learned per-step noise log s_k is a parameter group of the sampler's Adam
+    optimized: ClassVar[dict[str, float]] = {"sampler": 1e-4, "log_scales": 1e-5, "critic": 1e-5, "value": 1e-5}
+
+    def optimized_networks(self) -> dict[str, float]:
+        networks = dict(self.optimized)
+        if self.share_value:
+            del networks["value"]  # the critic is the value
+        return networks
 
     @model_validator(mode="after")
     def _trains_some_step(self) -> "DxMIConfig":
@@ -197,13 +251,12 @@ class DxMIConfig(_Strict):
         return self
 
 
-class SiDConfig(_Strict):
+class SiDConfig(_MethodSection):
     """One-step SiD / SiDA generator, SPEC section 6."""
 
     name: Literal["sid"]
     sigma_init: PositiveFloat = 2.5
     alpha: float = 1.2
-    fake_lr: LearningRate = 1e-5
     adversarial: bool = True  # SiDA critic on the fake score network's encoder
     generator_loss: Literal["nonsat", "kl"] = "nonsat"  # nonsat follows the critic: softplus(log M - l) for n2ce
     adv_weight: float = Field(0.5, ge=0, le=1)  # generator loss (1-w) SiD + w adversarial
@@ -215,8 +268,9 @@ class SiDConfig(_Strict):
     adversarial_warmup_images: int = Field(0, ge=0)  # SiDA: 200k
     logit_clamp: float | None = Field(None, gt=0)  # clamp on l - log M, never on l
 
-    # the critic is the fake score network's encoder (trained with it at method.fake_lr): only the objective
-    critic_keys: ClassVar[frozenset[str]] = frozenset({"objective", "M", "ratio_reg"})
+    # the critic is the fake score network's encoder (trained with it at optim.fake_score.lr): no network keys
+    trains_critic: ClassVar[bool] = True
+    optimized: ClassVar[dict[str, float]] = {"generator": 1e-4, "fake_score": 1e-5}
 
 
 MethodConfig = Annotated[Union[TeacherTrainingConfig, DxMIConfig, SiDConfig], Field(discriminator="name")]
@@ -229,24 +283,65 @@ class RecipeConfig(_Strict):
     teacher: TeacherConfig | None = None  # required by distillation methods
     critic: CriticConfig = Field(default_factory=CriticConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: dict[str, OptimConfig] = Field(default_factory=dict)  # filled with every network the method trains
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, raw: Any) -> Any:
+        """Learning rates and betas once spread over four sections live under ``optim.<net>``: an old key is
+        refused with the key that replaces it."""
+        if not isinstance(raw, dict):
+            return raw
+        name = raw.get("method", {}).get("name") if isinstance(raw.get("method"), dict) else None
+        networks = list(_METHODS[name].optimized) if name in _METHODS else ["<net>"]
+        for (section, key), target in _MOVED_KEYS.items():
+            if isinstance(raw.get(section), dict) and key in raw[section]:
+                target = target.format(main=networks[0])
+                where = (f"moved to {target}" if target.split(".")[1] in (*networks, "<net>")
+                         else f"not used by method {name!r}")
+                raise ValueError(f"{section}.{key}: {where} (each network's lr and betas are set under optim.<net>; "
+                                 f"this method trains {', '.join(networks)})")
+        return raw
+
+    @model_validator(mode="after")
+    def _optim_per_network(self) -> "RecipeConfig":
+        networks = self.method.optimized_networks()
+        unknown = sorted(set(self.optim) - set(networks))
+        if unknown:
+            raise ValueError(f"optim.{unknown[0]}: method {self.method.name!r} trains no such network "
+                             f"(it trains {', '.join(networks)})")
+        given = {name: self.optim.get(name, OptimConfig()) for name in networks}
+        self.optim = {name: opt.model_copy(update={"lr": opt.lr or networks[name]}) for name, opt in given.items()}
+        return self
+
+    def _critic_reads(self) -> set[str]:
+        """The critic keys this recipe reads: none without a critic, else the method's network keys and the
+        chosen objective's (``objective``, ``ratio_reg`` and its hyperparameters)."""
+        if not self.method.trains_critic:
+            return set()
+        return {*self.method.critic_keys, *_OBJECTIVE_KEYS, *OBJECTIVES[self.critic.objective].parameters()}
 
     @model_validator(mode="after")
     def _critic_keys_read_by_the_method(self) -> "RecipeConfig":
-        unread = sorted(self.critic.model_fields_set - self.method.critic_keys)
-        if unread and not self.method.critic_keys:
+        given = self.critic.model_fields_set | set(self.critic.model_extra)
+        if given and not self.method.trains_critic:
             raise ValueError(f"critic: method {self.method.name!r} trains no critic; remove the critic section")
+        # another objective's hyperparameters are noted, not refused (see unused_keys)
+        unread = sorted(given - self._critic_reads() - _objective_parameter_names())
         if unread:
             raise ValueError(f"critic.{unread[0]}: not used by method {self.method.name!r} (it reads critic."
-                             + ", critic.".join(sorted(self.method.critic_keys)) + ")")
+                             + ", critic.".join(sorted(self._critic_reads())) + ")")
         return self
 
     def resolved(self) -> dict[str, Any]:
         """The recipe with every default filled in, as plain YAML/JSON values, holding only the critic keys the
-        method reads, so that it validates again as a recipe (``recipe.yaml`` of a run, ``n2ce-distill config``)."""
+        recipe reads, so that it validates again as a recipe (``recipe.yaml`` of a run, ``n2ce-distill config``)."""
         out = self.model_dump(mode="json")
-        out["critic"] = {k: v for k, v in out["critic"].items() if k in self.method.critic_keys}
-        if not out["critic"]:
+        reads = self._critic_reads()
+        kept = reads | _objective_parameter_names()  # another objective's parameters too, so one key swaps back
+        out["critic"] = {k: v for k, v in out["critic"].items() if k in kept} | self.critic.objective_parameters()
+        if not reads:
             del out["critic"]
         return out
 
@@ -254,10 +349,9 @@ class RecipeConfig(_Strict):
         """Recipe keys that validate but that this recipe's choices leave unread: an objective parameter such as
         ``critic.M`` under another objective. Not an error, so that one key swaps the objective of a recipe
         written for N²CE; the CLI prints these at startup."""
-        every = {name for objective in OBJECTIVES.values() for name in objective.parameters()}
         reads = OBJECTIVES[self.critic.objective].parameters()
         return [f"critic.{key}: not used by objective {self.critic.objective!r}; ignored"
-                for key in sorted(self.critic.model_fields_set & every) if key not in reads]
+                for key in sorted(self.critic.model_extra) if key not in reads]
 
     @model_validator(mode="after")
     def _needs_teacher(self) -> "RecipeConfig":
@@ -288,6 +382,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {pair!r}: not a valid YAML value ({str(exc).splitlines()[0]})") from None
     return nested
+
+
+_OBJECTIVE_KEYS = ("objective", "ratio_reg")  # critic keys of every objective
+
+
+def _objective_parameter_names() -> set[str]:
+    return {name for objective in OBJECTIVES.values() for name in objective.parameters()}
+
+
+# keys replaced by optim.<net>.{lr,betas}; {main} is the network the method exports
+_MOVED_KEYS = {("train", "lr"): "optim.{main}.lr", ("train", "adam_betas"): "optim.<net>.betas",
+               ("critic", "lr"): "optim.critic.lr", ("method", "value_lr"): "optim.value.lr",
+               ("method", "log_scale_lr"): "optim.log_scales.lr", ("method", "fake_lr"): "optim.fake_score.lr"}
 
 
 # recipe values that name files or folders; relative ones are read against the recipe's folder first

@@ -71,21 +71,23 @@ def critic_diagnostics(logits_data: torch.Tensor, logits_noise: torch.Tensor,
     and the string ``regime``. The log-mean-exp uses ``logsumexp(l) - log n``, finite for any fp32 ``l``.
     """
     ld = _flat(logits_data, "logits_data")
-    ln = _flat(logits_noise, "logits_noise")
-    diag: dict[str, float | str] = {
-        "acc_data": (ld > 0).float().mean().item(),
-        "acc_noise": (ln < 0).float().mean().item(),
-        "logit_data": ld.mean().item(),
-        "logit_noise": ln.mean().item(),
-        "logit_gap": (ld.mean() - ln.mean()).item(),
-        "logit_rms": torch.cat([ld, ln.to(ld.dtype)]).square().mean().sqrt().item(),
-        "kl_estimate": ld.mean().item(),
-        "self_normalisation": (torch.logsumexp(ln, dim=0) - math.log(ln.numel())).item(),
+    ln = _flat(logits_noise, "logits_noise").to(ld.dtype)
+    stats = {
+        "acc_data": (ld > 0).to(ld.dtype).mean(),
+        "acc_noise": (ln < 0).to(ld.dtype).mean(),
+        "logit_data": ld.mean(),
+        "logit_noise": ln.mean(),
+        "logit_gap": ld.mean() - ln.mean(),
+        "logit_rms": torch.cat([ld, ln]).square().mean().sqrt(),
+        "kl_estimate": ld.mean(),
+        "self_normalisation": torch.logsumexp(ln, dim=0) - math.log(ln.numel()),
     }
     if M is not None:
         if not (M > 0 and math.isfinite(M)):
             raise ValueError(f"M (noise magnification) must be a finite number > 0, got {M!r}")
-        diag["capped_noise"] = (ln > math.log(M)).float().mean().item()
+        stats["capped_noise"] = (ln > math.log(M)).to(ld.dtype).mean()
+    # one read from the device for all of them (each .item() would wait for the device on its own)
+    diag: dict[str, float | str] = dict(zip(stats, torch.stack(list(stats.values())).tolist()))
     diag["regime"] = _regime(diag["acc_data"], diag["acc_noise"], diag["logit_rms"])
     return diag
 

@@ -52,10 +52,11 @@ import inspect
 import math
 from abc import ABC, abstractmethod
 from functools import partial
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 
 __all__ = [
     "stable_exp", "nce_loss", "n2ce_loss", "nwj_loss", "cd_loss", "ratio_regularizer",
@@ -165,9 +166,10 @@ class CriticObjective(ABC):
     M: float | None = None
 
     @classmethod
-    def parameters(cls) -> tuple[str, ...]:
-        """The hyperparameters a recipe gives this objective besides ``ratio_reg`` (its ``__init__`` arguments)."""
-        return tuple(p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ratio_reg"))
+    def parameters(cls) -> dict[str, inspect.Parameter]:
+        """The hyperparameters a recipe gives this objective besides ``ratio_reg``: its ``__init__`` arguments, whose
+        annotations (with ``annotated_types`` constraints) and defaults are the schema of its ``critic.`` keys."""
+        return {name: p for name, p in inspect.signature(cls.__init__, eval_str=True).parameters.items() if name not in ("self", "ratio_reg")}
 
     @property
     def log_offset(self) -> float:
@@ -213,7 +215,7 @@ class NCE(CriticObjective):
 class N2CE(CriticObjective):
     """N²CE with noise magnification ``M`` (see :func:`n2ce_loss`); the paper uses M=100 at batch 128."""
 
-    def __init__(self, M: float = 100.0, ratio_reg: float = 0.0):
+    def __init__(self, M: Annotated[float, Gt(0)] = 100.0, ratio_reg: float = 0.0):
         super().__init__(ratio_reg)
         self.M = _check_M(M)
 

@@ -39,10 +39,6 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the message names the step and the loss term."""
 
 
-class _SkipStep(Exception):
-    pass
-
-
 # recipe keys a checkpoint's networks, optimiser state and data stream were built for: a resume that changes
 # one is refused (learning rates, EMA, schedule and evaluation keys may change and take effect)
 FIXED_ON_RESUME = ("method.name", "method.num_steps", "method.share_value", "method.adversarial", "method.net",
@@ -91,6 +87,7 @@ class Trainer:
             update_every=train.ema.update_every,
             power=train.ema.power,
             include_online_model=False,
+            use_foreach=True,  # one kernel per dtype instead of one per tensor; same state, same values
         )
         self._prepare(self.method.optimizers())
         world = self.accelerator.num_processes
@@ -100,6 +97,10 @@ class Trainer:
         self.step, self.skipped_steps, self.best_fid = 0, 0, math.inf
         self.regimes, self._regime, self._fid_label = RegimeMonitor(), None, None
         self._grad_norms: dict[str, torch.Tensor] = {}
+        # (step, term, what, value) of every guarded quantity since the last read: checked on the device, read
+        # once per logged step (and before checkpoints)
+        self._guarded: list[tuple[int, str, str, torch.Tensor]] = []
+        self._loss_pending: dict[str, torch.Tensor] = {}  # non-finite losses of micro-batches not yet stepped
         if resume:
             self._resume(resume)
         elif overwrite and earlier and self.accelerator.is_main_process:
@@ -120,31 +121,56 @@ class Trainer:
 
     # ------------------------------------------------------------------ one update
     def _update(self, term: str, loss: torch.Tensor, clip: float | None = None) -> None:
-        optimizer = term  # each loss term has the optimiser of the same name
-        if not torch.isfinite(loss.detach()).all():
-            self._nonfinite(f"{term} loss", loss.detach())
-        opt = self.optimizers[optimizer]
+        """Backward, clip and step the optimiser named ``term``. Nothing here waits for the device: a non-finite
+        loss or gradient sets the fused Adam's ``found_inf``, which leaves the parameters and moments as they
+        were, and is reported by :meth:`_check_finite` at the next logged step."""
+        opt = self.optimizers[term]
         owned = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        bad_loss = ~torch.isfinite(loss.detach()).all()
+        self._guarded.append((self.step, term, "loss", loss.detach().float().reshape(-1)[0]))
+        pending = self._loss_pending.pop(term, None)
+        bad = bad_loss if pending is None else pending | bad_loss
         # gradients reach only this optimiser's parameters: a sampler loss that runs through the
         # critic must not leave stale gradients on the critic
         self.accelerator.backward(loss, inputs=owned)
+        if not self.accelerator.sync_gradients:
+            self._loss_pending[term] = bad  # accumulating: the step at the last micro-batch skips if any was bad
+            return
         params = [p for p in owned if p.grad is not None]
-        if self.accelerator.sync_gradients:
-            norm = self.accelerator.clip_grad_norm_(params, clip or self.recipe.train.grad_clip)
-            self._grad_norms[term] = norm.detach()  # before clipping; logged at the logging steps
-            # under fp16 loss scaling an overflow is routine (the first steps at the initial scale): the
-            # scaler skips this step and lowers its scale (seen on an H200: every fp16 run stopped at step 0)
-            if not torch.isfinite(norm) and self.accelerator.scaler is None:
+        norm = self.accelerator.clip_grad_norm_(params, clip or self.recipe.train.grad_clip)
+        self._grad_norms[term] = norm.detach()  # before clipping; logged at the logging steps
+        # under fp16 loss scaling an overflow is routine (the first steps at the initial scale): the scaler
+        # skips this step and lowers its scale itself (seen on an H200: every fp16 run stopped at step 0)
+        if self.accelerator.scaler is None:
+            self._guarded.append((self.step, term, "gradient", norm.detach().float()))
+            bad = bad | ~torch.isfinite(norm)
+            if getattr(opt.optimizer, "_step_supports_amp_scaling", False):  # fused: skips on the device
+                opt.optimizer.found_inf = bad.float()
+            elif bad.item():  # any other optimiser: skip from the host, waiting for the device
                 opt.zero_grad(set_to_none=True)
-                self._nonfinite(f"{term} gradient", norm)
+                return
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def _nonfinite(self, what: str, value: torch.Tensor) -> None:
-        message = f"step {self.step}: non-finite {what} ({value.float().flatten()[0].item()})"
-        if self.recipe.train.on_nonfinite == "skip":
-            raise _SkipStep(message)
-        raise NonFiniteError(message + "; the last good checkpoint is kept")
+    def _check_finite(self) -> None:
+        """Read the guarded losses and gradient norms since the last check (one wait for the device) and act on
+        the first non-finite one: an error naming its step and term, or (``train.on_nonfinite=skip``) a count of
+        the steps whose updates were skipped."""
+        guarded, self._guarded = self._guarded, []
+        if not guarded:
+            return
+        values = torch.stack([value for *_, value in guarded]).tolist()
+        bad = [(step, term, what, value) for (step, term, what, _), value in zip(guarded, values) if not math.isfinite(value)]
+        if not bad:
+            return
+        step, term, what, value = bad[0]
+        message = f"step {step}: non-finite {term} {what} ({value})"
+        if self.recipe.train.on_nonfinite == "error":
+            raise NonFiniteError(message + "; the last good checkpoint is kept")
+        steps = sorted({entry[0] for entry in bad})
+        self.skipped_steps += len(steps)
+        log.warning("%s; its update skipped (%d step%s with skipped updates so far)", message, self.skipped_steps,
+                    "" if self.skipped_steps == 1 else "s")
 
     # ------------------------------------------------------------------ loop
     def train(self) -> Path:
@@ -155,19 +181,13 @@ class Trainer:
         while self.step < train.max_steps:
             batch = next(self.loader)
             batch = batch[rank * per_process:(rank + 1) * per_process].to(acc.device)
-            try:
-                with acc.accumulate(*self.method.nets.train.values()), acc.autocast():
-                    output = self.method.training_step(batch, self.step, self._update)
-            except _SkipStep as skipped:
-                self.skipped_steps += 1
-                log.warning("%s; step skipped (%d so far)", skipped, self.skipped_steps)
-                for opt in self.optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                output = StepOutput({})
+            with acc.accumulate(*self.method.nets.train.values()), acc.autocast():
+                output = self.method.training_step(batch, self.step, self._update)
             self.ema.update()
             self.step += 1
             self._bar.update(1)
             self._after_step(output)
+        self._check_finite()
         summary = self.regimes.summary()
         if summary:
             self._say(summary)
@@ -181,17 +201,17 @@ class Trainer:
 
     def _after_step(self, output: StepOutput) -> None:
         train, step = self.recipe.train, self.step
-        logs = {k: float(v) for k, v in output.scalars.items()}
         if step % train.log_every == 0 or step == train.max_steps:
+            self._check_finite()
+            # the step's scalars and gradient norms stay on the device until here: one read for all of them
+            device_logs = output.scalars | {f"grad_norm/{term}": norm for term, norm in self._grad_norms.items()}
+            logs = dict(zip(device_logs, torch.stack([v.float().reshape(()) for v in device_logs.values()]).tolist())) \
+                if device_logs else {}
             logs["skipped_steps"] = self.skipped_steps
-            logs |= {f"grad_norm/{term}": float(norm) for term, norm in self._grad_norms.items()}
-            for name, opt in self.optimizers.items():
-                groups = opt.param_groups
-                logs |= {f"lr/{name}" + (f"/{i}" if len(groups) > 1 else ""): g["lr"] for i, g in enumerate(groups)}
+            logs |= {f"lr/{group['name']}": group["lr"] for opt in self.optimizers.values() for group in opt.param_groups}
             if output.critic_logits is not None:
                 logs |= self._critic_logs(*output.critic_logits)
             self.accelerator.log(logs, step=step)
-        if logs:
             postfix = {k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")}
             postfix |= {k: v for k, v in (("regime", self._regime), ("fid", self._fid_label)) if v}
             self._bar.set_postfix(postfix, refresh=False)
@@ -277,6 +297,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
+        self._check_finite()  # a run that has gone non-finite since the last logged step stops before saving
         unsound = self._unsound_state()
         if unsound:
             kept = checkpoints.list_checkpoints(self.output_dir)
@@ -302,24 +323,28 @@ class Trainer:
         checkpoints.verify(path)
         state = checkpoints.read_json(path / "trainer_state.json")
         _check_fixed_keys(state.get("recipe"), self.recipe.resolved(), path)
-        # load_state restores the saved learning rates; the recipe's are the ones to train with
-        recipe_lrs = {name: [group["lr"] for group in opt.param_groups] for name, opt in self.optimizers.items()}
+        # load_state restores the saved learning rates and betas; the recipe's are the ones to train with
+        recipe_groups = {name: [_lr_and_betas(group) for group in opt.param_groups] for name, opt in self.optimizers.items()}
         try:
             self.accelerator.load_state(str(path))
         except RuntimeError as error:  # size mismatches: a checkpoint of other networks
             raise InputError(f"--resume {str(path)!r}: its weights do not fit this recipe's networks "
                              f"({str(error).strip().splitlines()[0][:200]})") from None
         for name, opt in self.optimizers.items():
-            for index, (group, lr) in enumerate(zip(opt.param_groups, recipe_lrs[name])):
-                if group["lr"] != lr:
-                    self._say(f"{name} optimiser, parameter group {index}: learning rate {group['lr']:g} in the "
-                              f"checkpoint, {lr:g} from the recipe (used)")
-                group["lr"] = lr
+            for group, wanted in zip(opt.param_groups, recipe_groups[name]):
+                for key, saved in _lr_and_betas(group).items():
+                    if saved != wanted[key]:
+                        self._say(f"optim.{group['name']}.{key}: {saved} in the checkpoint, {wanted[key]} from the recipe (used)")
+                group.update(wanted)
         checkpoints.load_module(self.ema, path / "ema.safetensors")
         self.step, self.skipped_steps, self.best_fid = state["step"], state["skipped_steps"], state["best_fid"]
         self.loader.load_state_dict(state["loader"])
         self.method.load_extra_state(state["method"])
         self._say(f"resumed from {path.name} (step {self.step})")
+
+
+def _lr_and_betas(group: dict) -> dict:
+    return {"lr": group["lr"], "betas": tuple(group["betas"])}  # a loaded state holds betas as a list
 
 
 def _check_tracker(name: str) -> None:

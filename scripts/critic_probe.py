@@ -26,8 +26,8 @@ from n2ce_distill.pipelines import load_sample_source
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="exported pipeline folder, or TEACHER@STEPS (ancestral, the teacher's few-step schedule)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. critic.lr=1e-4")
-    parser.add_argument("--recipe", required=True, help="its critic and data sections are used")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. optim.critic.lr=1e-4")
+    parser.add_argument("--recipe", required=True, help="a DxMI recipe: its critic, optim.critic and data sections are used")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--num-samples", type=int, default=3000)
     parser.add_argument("--held-out", type=float, default=0.2, help="fraction of data and of samples scored, never trained on")
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if "critic" not in recipe.optim:
+            raise ValueError(f"--recipe {args.recipe}: method {recipe.method.name!r} trains no separate critic network")
         path, _, steps = args.source.partition("@")
         source = load_sample_source(path, steps=int(steps), spacing="auto") if steps else load_sample_source(path)
     except (ValueError, FileNotFoundError) as error:
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     critic = build_critic(recipe.critic, tuple(data.shape[1:]))
     objective = critic_objective(recipe.critic)
-    optimizer = torch.optim.Adam(critic.parameters(), lr=recipe.critic.lr, betas=recipe.train.adam_betas)
+    settings = recipe.optim["critic"]
+    optimizer = torch.optim.Adam(critic.parameters(), lr=settings.lr, betas=settings.betas)
     batch = recipe.train.batch_size
     pick = lambda x: x[torch.randint(len(x), (batch,))]  # noqa: E731
     print(f"| step | train loss | acc data | acc samples | logit data | logit samples |\n|{' --- |' * 6}")

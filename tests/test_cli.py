@@ -26,7 +26,7 @@ def dxmi_recipe(recipe_file, vp_teacher):
         ("critic.objectiv=nce", "critic.objectiv: unknown key; did you mean 'critic.objective'?"),
         ("critic.M=0", "critic.M"),
         ("method.num_steps=0", "method.num_steps"),
-        ("train.lr=-1", "train.lr"),
+        ("optim.sampler.lr=-1", "optim.sampler.lr"),
         ("train.batch_size=0", "train.batch_size"),
         ("teacher.path=./no/such/teacher", "teacher.path: folder './no/such/teacher' not found"),
         ("data.name=image-folder", "data.root"),
@@ -129,11 +129,11 @@ def test_version_and_resolved_config(dxmi_recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("n2ce-distill ")
-    assert main(["config", str(dxmi_recipe), "critic.objective=nce", "train.lr=3e-5"]) == 0
+    assert main(["config", str(dxmi_recipe), "critic.objective=nce", "optim.sampler.lr=3e-5"]) == 0
     import yaml
 
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["critic"]["objective"] == "nce" and resolved["train"]["lr"] == 3e-5
+    assert resolved["critic"]["objective"] == "nce" and resolved["optim"]["sampler"]["lr"] == 3e-5
     assert resolved["method"]["tau1"] == 0.1  # defaults filled in
     assert main(["config", str(dxmi_recipe), "critic.objectiv=nce"]) == 2
 
@@ -196,10 +196,10 @@ def test_unreachable_hub_id_is_one_line_with_a_way_out(dxmi_recipe, tmp_path, ca
 
 
 @pytest.mark.parametrize("override, culprit", [
-    ("train.lr=[1,", "override 'train.lr=[1,': not a valid YAML value"),
-    ("critic.lr=1e38", "critic.lr: Input should be less than or equal to 1"),
-    ("method.value_lr=2", "method.value_lr"),
-    ("train.lr=5", "train.lr"),
+    ("optim.sampler.lr=[1,", "override 'optim.sampler.lr=[1,': not a valid YAML value"),
+    ("optim.critic.lr=1e38", "optim.critic.lr: Input should be less than or equal to 1"),
+    ("optim.value.lr=2", "optim.value.lr"),
+    ("optim.sampler.lr=5", "optim.sampler.lr"),
     ("train.log_with=tensorbored", "train.log_with: unknown tracker 'tensorbored'; Accelerate knows aim, tensorboard"),
     ("train.log_with=swanlab", "train.log_with: tracker 'swanlab' is not installed"),
 ])

@@ -1,6 +1,6 @@
 import pytest
 
-from n2ce_distill.config import ConfigError, RecipeConfig, load_recipe, parse_overrides
+from n2ce_distill.config import ConfigError, DxMIConfig, RecipeConfig, load_recipe, parse_overrides
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_one_key_swaps_the_objective(base):
         ("critic.M=-3", "critic.M: Input should be greater than 0"),
         ("method.num_steps=0", "method.num_steps: Input should be greater than or equal to 1"),
         ("method.sampler_steps_from=4", "method.sampler_steps_from: must be below method.num_steps (4)"),
-        ("train.lr=0", "train.lr: Input should be greater than 0"),
+        ("optim.critic.lr=0", "optim.critic.lr: Input should be greater than 0"),
         ("train.batch_size=0", "train.batch_size: Input should be greater than or equal to 1"),
         ("train.batch_size=many", "train.batch_size: Input should be a valid integer"),
         ("critic.objective=bce", "critic.objective: unknown objective 'bce'; choose from cd, gan, n2ce, nce, nwj"),
@@ -61,6 +61,32 @@ def test_bad_values_give_one_line_naming_the_key(base, override, message):
         load_recipe(base, [override])
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("train.lr=1e-4", "optim.sampler.lr"), ("critic.lr=1e-3", "optim.critic.lr"), ("method.value_lr=1e-3", "optim.value.lr"),
+    ("method.log_scale_lr=1e-3", "optim.log_scales.lr"), ("train.adam_betas=[0,0.9]", "optim.<net>.betas"),
+])
+def test_a_moved_optimiser_key_points_to_its_new_place(base, old, new):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(base, [old])
+    assert str(info.value).startswith(f"{old.partition('=')[0]}: moved to {new} ")
+    assert "sampler, log_scales, critic, value" in str(info.value)
+
+
+def test_every_trained_network_gets_its_optimiser_settings(base):
+    recipe = load_recipe(base, ["optim.critic.lr=3e-3", "optim.value.betas=[0.5,0.9]"])
+    assert list(recipe.optim) == ["sampler", "log_scales", "critic", "value"]
+    assert recipe.optim["critic"].lr == 3e-3 and recipe.optim["critic"].betas == (0.9, 0.999)
+    assert recipe.optim["value"].lr == DxMIConfig.optimized["value"] and recipe.optim["value"].betas == (0.5, 0.9)
+    assert RecipeConfig.model_validate(recipe.resolved()).optim == recipe.optim  # the stored recipe validates again
+    shared = load_recipe(base, ["method.share_value=true"])
+    assert "value" not in shared.optim
+    with pytest.raises(ConfigError, match=r"^optim.value: method 'dxmi' trains no such network \(it trains sampler, "
+                                          r"log_scales, critic\)$"):
+        load_recipe(base, ["method.share_value=true", "optim.value.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"^optim.critic.betas.0: Input should be less than 1"):
+        load_recipe(base, ["optim.critic.betas=[1,0.9]"])
 
 
 def test_missing_image_folder_is_named(base, tmp_path):
@@ -89,7 +115,10 @@ def test_file_problems_are_named(tmp_path):
 
 def test_critic_keys_a_method_does_not_read_are_refused(recipe_file, vp_teacher):
     sid = recipe_file({"method": {"name": "sid"}, "data": {"name": "digits"}, "teacher": {"path": str(vp_teacher)}})
-    for key in ("channels=[8, 16]", "lr=1e-3", "hidden_features=16"):
+    with pytest.raises(ConfigError, match=r"^critic.lr: not used by method 'sid' \(each network's lr and betas are set "
+                                          r"under optim.<net>; this method trains generator, fake_score\)$"):
+        load_recipe(sid, ["critic.lr=1e-3"])
+    for key in ("channels=[8, 16]", "hidden_features=16"):
         with pytest.raises(ConfigError, match=rf"^critic.{key.split('=')[0]}: not used by method 'sid' \(it reads "
                                               r"critic.M, critic.objective, critic.ratio_reg\)$"):
             load_recipe(sid, [f"critic.{key}"])

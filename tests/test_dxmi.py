@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
+from typing import Annotated
 
 import pytest
 import torch
+from annotated_types import Ge
 
 from n2ce_distill.config import ConfigError, load_recipe
 from n2ce_distill.methods.dxmi import SAMPLER_CLIP, DxMI
@@ -267,19 +269,32 @@ def test_critic_objective_follows_recipe(make_dxmi, name, cls):
 
 
 class _Hinge(CriticObjective):
-    """A new objective written where a user would: one class (here, in the test) and one registry entry."""
+    """A new objective written where a user would: one class (here, in the test) and one registry entry. Its
+    hyperparameter's annotation and default are its recipe schema (``critic.margin``)."""
+
+    def __init__(self, margin: Annotated[float, Ge(0)] = 1.0, ratio_reg: float = 0.0):
+        super().__init__(ratio_reg)
+        self.margin = margin
 
     def loss(self, ld, ln, weight_data=None, weight_noise=None):
-        return torch.relu(1 - ld).mean() + torch.relu(1 + ln).mean()
+        return torch.relu(self.margin - ld).mean() + torch.relu(self.margin + ln).mean()
 
 
 def test_a_registered_objective_is_usable_from_a_recipe(make_dxmi, monkeypatch):
-    """Registering an objective is all it takes: the recipe validates it, the method trains with it."""
+    """Registering an objective is all it takes: the recipe validates it and its hyperparameter, the method
+    trains with it, and the resolved recipe stores the hyperparameter."""
     with pytest.raises(ConfigError, match="critic.objective: unknown objective 'hinge'; choose from cd, gan"):
         make_dxmi("critic.objective=hinge")
+    with pytest.raises(ConfigError, match="^critic.margin: unknown key$"):
+        make_dxmi("critic.margin=2")
     monkeypatch.setitem(OBJECTIVES, "hinge", _Hinge)
-    method = make_dxmi("critic.objective=hinge", "critic.ratio_reg=0.5")
-    assert type(method.objective) is _Hinge and method.objective.ratio_reg == 0.5
+    method = make_dxmi("critic.objective=hinge", "critic.ratio_reg=0.5", "critic.margin=2")
+    assert type(method.objective) is _Hinge and method.objective.ratio_reg == 0.5 and method.objective.margin == 2.0
+    assert make_dxmi("critic.objective=hinge").objective.margin == 1.0  # the objective's default
+    assert method.recipe.resolved()["critic"]["margin"] == 2.0 and "M" not in method.recipe.resolved()["critic"]
+    with pytest.raises(ConfigError, match=r"^critic.margin: Input should be greater than or equal to 0 \(got -1\)$"):
+        make_dxmi("critic.objective=hinge", "critic.margin=-1")
+    assert make_dxmi("critic.margin=3").recipe.unused_keys() == ["critic.margin: not used by objective 'n2ce'; ignored"]
     calls = []
     method.training_step(data_batch(), 0, make_update(method, calls))
     assert "critic" in [call[0] for call in calls] and all(torch.isfinite(call[3]) for call in calls)

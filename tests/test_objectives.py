@@ -1,10 +1,12 @@
 """Critic objectives and generator terms: optima, MLE limit, divergences, numerics, weights, registries."""
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt
 
 from n2ce_distill.objectives import (
     CD, GENERATOR_LOSSES, N2CE, NCE, NWJ, OBJECTIVES, CriticObjective, build_generator_loss,
@@ -359,7 +361,8 @@ def test_each_objective_owns_its_offset_generator_term_and_parameters():
     torch.testing.assert_close(NCE().generator_loss(l), generator_nonsat(l))
     w = torch.rand(13, dtype=DTYPE)
     torch.testing.assert_close(N2CE(M=5.0).generator_loss(l, weight=w), (w * F.softplus(math.log(5.0) - l)).mean())
-    assert N2CE.parameters() == ("M",) and NCE.parameters() == CD.parameters() == NWJ.parameters() == ()
+    assert list(N2CE.parameters()) == ["M"] and NCE.parameters() == CD.parameters() == NWJ.parameters() == {}
+    assert N2CE.parameters()["M"].default == 100.0 and Gt(0) in get_args(N2CE.parameters()["M"].annotation)
 
 
 def test_build_generator_loss():

@@ -21,8 +21,8 @@ def load_script(name: str):
 def probe_recipe(recipe_file, vp_teacher):
     return recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"},
                         "teacher": {"path": str(vp_teacher)},
-                        "critic": {"channels": [8, 16], "num_res_blocks": 2, "lr": 1e-3},
-                        "train": {"batch_size": 64}})
+                        "critic": {"channels": [8, 16], "num_res_blocks": 2},
+                        "optim": {"critic": {"lr": 1e-3}}, "train": {"batch_size": 64}})
 
 
 def test_critic_probe_separates_an_untrained_teacher_from_digits(probe_recipe, vp_teacher, capsys):
@@ -39,8 +39,8 @@ def test_critic_probe_separates_an_untrained_teacher_from_digits(probe_recipe, v
 def test_critic_probe_bad_input_is_one_line(probe_recipe, tmp_path, capsys):
     assert load_script("critic_probe").main([str(tmp_path), "--recipe", str(probe_recipe)]) == 2
     assert "not a pipeline folder" in capsys.readouterr().err
-    assert load_script("critic_probe").main([str(tmp_path), "--recipe", str(probe_recipe), "critic.lr=-1"]) == 2
-    assert "critic.lr" in capsys.readouterr().err
+    assert load_script("critic_probe").main([str(tmp_path), "--recipe", str(probe_recipe), "optim.critic.lr=-1"]) == 2
+    assert "optim.critic.lr" in capsys.readouterr().err
 
 
 def test_fid_curves_reads_globs_and_reports_bad_logs(tmp_path, capsys):

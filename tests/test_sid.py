@@ -76,7 +76,7 @@ def test_sid_term_is_zero_while_fake_score_equals_teacher(make_sid):
     (The gradient is zero only up to rounding: the teacher's and the fake score's equal and opposite
     contributions meet at x_t in a different summation order, so Adam would still move the weights.)
     """
-    method = make_sid("method.fake_lr=1.0e-30", "method.adversarial=false")
+    method = make_sid("optim.fake_score.lr=1.0e-30", "method.adversarial=false")
     calls = []
     logs = step(method, calls=calls)
     assert [c[1] for c in calls] == ["fake_score", "generator"]
@@ -88,7 +88,7 @@ def test_sid_term_is_zero_while_fake_score_equals_teacher(make_sid):
 
 def test_sid_term_is_nonzero_once_fake_score_moves(make_sid):
     """Control for the test above: with a real fake-score learning rate, the same step gives loss_sid != 0."""
-    method = make_sid("method.fake_lr=1.0e-3", "method.adversarial=false")
+    method = make_sid("optim.fake_score.lr=1.0e-3", "method.adversarial=false")
     calls = []
     logs = step(method, calls=calls)
     assert abs(float(logs["loss_sid"])) > 1e-4
@@ -128,7 +128,7 @@ def test_toy_teacher_without_mid_block_is_rejected(make_sid, toy_teacher):
 def test_losses_are_sums_over_elements(make_sid):
     """Recompute every logged loss from captured tensors: sums over pixels / logit positions, means over batch."""
     M, alpha, adv_weight = 100.0, 1.2, 0.5
-    method = make_sid("critic.objective=n2ce", f"critic.M={M}", "critic.ratio_reg=1.0", "method.fake_lr=1.0e-3",
+    method = make_sid("critic.objective=n2ce", f"critic.M={M}", "critic.ratio_reg=1.0", "optim.fake_score.lr=1.0e-3",
                       f"method.alpha={alpha}", f"method.adv_weight={adv_weight}")
     fake_score, generator, teacher = method.nets.read["fake_score"], method.nets.read["generator"], method.frozen["teacher"]
     sd = fake_score.sigma_data

@@ -108,8 +108,12 @@ def test_fp16_overflow_is_left_to_the_loss_scaler(dxmi_recipe, tmp_path):
     assert scaler.get_scale() == 2.0**125
 
     plain = Trainer(load_recipe(dxmi_recipe, ["train.max_steps=1", *TINY]), tmp_path / "plain")
+    critic = plain.method.nets.read["critic"]
+    weights = {k: v.clone() for k, v in critic.state_dict().items()}
+    plain._update("critic", critic(torch.zeros(2, 1, 8, 8)).sum() * 1e30)
+    assert all(torch.equal(v, critic.state_dict()[k]) for k, v in weights.items()), "critic moved on overflow"
     with pytest.raises(NonFiniteError, match="step 0: non-finite critic gradient"):
-        plain._update("critic", plain.method.nets.read["critic"](torch.zeros(2, 1, 8, 8)).sum() * 1e30)
+        plain._check_finite()  # the device-side flag, read at the next logged step
 
 
 def test_sigkill_then_resume_matches(dxmi_recipe, tmp_path):
@@ -181,8 +185,8 @@ def test_critic_regime_is_logged_and_said_once(dxmi_recipe, tmp_path, monkeypatc
     logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("critic/")}
     assert {"critic/acc_data", "critic/logit_gap", "critic/logit_rms", "critic/capped_noise", "critic/regime"} <= set(logged)
     others = set(events.Tags()["scalars"])
-    assert {"grad_norm/critic", "grad_norm/sampler", "grad_norm/value", "lr/critic", "lr/sampler/0", "lr/sampler/1"} <= others
-    assert [e.value for e in events.Scalars("lr/critic")][-1] == pytest.approx(recipe.critic.lr)
+    assert {"grad_norm/critic", "grad_norm/sampler", "grad_norm/value", "lr/critic", "lr/sampler", "lr/log_scales"} <= others
+    assert [e.value for e in events.Scalars("lr/critic")][-1] == pytest.approx(recipe.optim["critic"].lr)
     assert events.Tags()["images"] == ["samples"]  # the final step's grid
     assert len(logged["critic/regime"]) == 12
     assert set(logged["critic/regime"]) == {float(["linear", "informative", "chasm"].index(regime))}
@@ -207,13 +211,17 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(dxmi_re
 def test_resume_takes_new_learning_rates_and_refuses_fixed_keys(dxmi_recipe, tmp_path, capsys):
     first = load_recipe(dxmi_recipe, ["train.max_steps=1", "train.checkpoint_every=1", *TINY])
     Trainer(first, tmp_path).train()
-    faster = load_recipe(dxmi_recipe, ["train.max_steps=2", "critic.lr=3e-3", "method.log_scale_lr=7e-4", *TINY])
+    faster = load_recipe(dxmi_recipe, ["train.max_steps=2", "optim.critic.lr=3e-3", "optim.log_scales.lr=7e-4",
+                                       "optim.value.betas=[0.5,0.9]", *TINY])
     trainer = Trainer(faster, tmp_path, resume="latest")
     err = capsys.readouterr().err
     assert "resumed from checkpoint-1 (step 1)" in err
-    assert "critic optimiser, parameter group 0: learning rate 1e-05 in the checkpoint, 0.003 from the recipe" in err
+    assert "optim.critic.lr: 1e-05 in the checkpoint, 0.003 from the recipe (used)" in err
+    assert "optim.value.betas: (0.9, 0.999) in the checkpoint, (0.5, 0.9) from the recipe (used)" in err
+    assert "optim.sampler" not in err  # unchanged settings are not mentioned
     assert [g["lr"] for g in trainer.optimizers["critic"].param_groups] == [3e-3]
-    assert [g["lr"] for g in trainer.optimizers["sampler"].param_groups] == [faster.train.lr, 7e-4]
+    assert [g["lr"] for g in trainer.optimizers["sampler"].param_groups] == [faster.optim["sampler"].lr, 7e-4]
+    assert [tuple(g["betas"]) for g in trainer.optimizers["value"].param_groups] == [(0.5, 0.9)]
     for override, key in [("train.batch_size=4", "train.batch_size"), ("critic.objective=nce", "critic.objective"),
                           ("method.num_steps=3", "method.num_steps")]:
         changed = load_recipe(dxmi_recipe, ["train.max_steps=2", *TINY, override])

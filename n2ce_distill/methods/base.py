@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -18,7 +18,7 @@ from torch import nn
 from ..config import CriticConfig, RecipeConfig
 from ..denoisers import Denoiser, load_denoiser
 from ..errors import InputError
-from ..objectives import OBJECTIVES, CriticObjective, build_objective
+from ..objectives import CriticObjective, build_objective
 
 __all__ = ["Method", "Nets", "Processes", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
 
@@ -130,6 +130,15 @@ class Method(ABC):
     def export(self, model: nn.Module, directory: Path) -> None:
         """Write ``model`` as a diffusers pipeline folder reloadable with ``from_pretrained``."""
 
+    def adam(self, **groups: Iterable[nn.Parameter]) -> torch.optim.Adam:
+        """One Adam over parameter groups named as recipe ``optim`` entries, each with its own lr and betas
+        (``self.adam(sampler=..., log_scales=...)``); the group names label the ``lr/*`` logs."""
+        # fused: one kernel per step on CPU and GPU alike, and it takes the trainer's on-device found_inf flag,
+        # which skips a non-finite update without waiting for the device
+        return torch.optim.Adam([{"params": list(params), "name": name, "lr": self.recipe.optim[name].lr,
+                                  "betas": self.recipe.optim[name].betas} for name, params in groups.items()],
+                                fused=True)
+
     def extra_state(self) -> dict:
         """JSON-serialisable state outside the networks (restored by :meth:`load_extra_state`)."""
         return {}
@@ -144,10 +153,9 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def critic_objective(cfg: CriticConfig) -> CriticObjective:
-    """The recipe's critic objective with its log-ratio regulariser and the parameters it takes (``critic.M``
+    """The recipe's critic objective with its log-ratio regulariser and the hyperparameters it takes (``critic.M``
     for N²CE)."""
-    parameters = OBJECTIVES[cfg.objective].parameters()
-    return build_objective(cfg.objective, ratio_reg=cfg.ratio_reg, **{name: getattr(cfg, name) for name in parameters})
+    return build_objective(cfg.objective, ratio_reg=cfg.ratio_reg, **cfg.objective_parameters())
 
 
 def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...]) -> Denoiser:

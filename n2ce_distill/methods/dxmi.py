@@ -65,18 +65,12 @@ class DxMI(Method):
         return "sampler"
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        train, opts = self.recipe.train, self.recipe.method
         sampler = self.nets.read["sampler"]
         net_params = [p for name, p in sampler.named_parameters() if name != "log_scales"]
-        optimizers = {
-            "sampler": torch.optim.Adam(
-                [{"params": net_params, "lr": train.lr}, {"params": [sampler.log_scales], "lr": opts.log_scale_lr}],
-                betas=train.adam_betas,
-            ),
-            "critic": torch.optim.Adam(self.nets.read["critic"].parameters(), lr=self.recipe.critic.lr, betas=train.adam_betas),
-        }
+        optimizers = {"sampler": self.adam(sampler=net_params, log_scales=[sampler.log_scales]),
+                      "critic": self.adam(critic=self.nets.read["critic"].parameters())}
         if "value" in self.nets:
-            optimizers["value"] = torch.optim.Adam(self.nets.read["value"].parameters(), lr=opts.value_lr, betas=train.adam_betas)
+            optimizers["value"] = self.adam(value=self.nets.read["value"].parameters())
         return optimizers
 
     def value(self, x: torch.Tensor, k: torch.Tensor, correction: nn.Module | None = None) -> torch.Tensor:

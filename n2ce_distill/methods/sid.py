@@ -73,11 +73,7 @@ class SiD(Method):
         return "generator"
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        train, opts = self.recipe.train, self.recipe.method
-        return {
-            "fake_score": torch.optim.Adam(self.nets.read["fake_score"].parameters(), lr=opts.fake_lr, betas=train.adam_betas),
-            "generator": torch.optim.Adam(self.nets.read["generator"].parameters(), lr=train.lr, betas=train.adam_betas),
-        }
+        return {name: self.adam(**{name: self.nets.read[name].parameters()}) for name in ("fake_score", "generator")}
 
     def _generate(self, batch_size: int, device: torch.device) -> torch.Tensor:
         z = self.processes.randn(batch_size, *self.nets.read["generator"].denoiser.sample_shape, device=device)

@@ -44,8 +44,7 @@ class TeacherTraining(Method):
         return "denoiser"
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        train = self.recipe.train
-        return {"denoiser": torch.optim.Adam(self.nets.read["denoiser"].parameters(), lr=train.lr, betas=train.adam_betas)}
+        return {"denoiser": self.adam(denoiser=self.nets.read["denoiser"].parameters())}
 
     def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
         denoiser = self.nets.read["denoiser"]
