@@ -157,6 +157,8 @@ class TrainConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     grad_clip: float = Field(1.0, gt=0)
+    compile: bool = False  # torch.compile every network (inductor; on a CPU it needs a C++ compiler)
+    channels_last: bool = False  # NHWC weights for the convolutional networks (tensor-core GPUs prefer it)
     ema: EMAConfig = Field(default_factory=EMAConfig)
     checkpoint_every: int = Field(500, ge=1)
     checkpoint_total_limit: int | None = Field(3, ge=1)  # keep this many newest checkpoints

@@ -80,6 +80,10 @@ class Trainer:
         self.dataset = dataset_from_config(recipe.data, recipe.seed)
         self.method = build_method(recipe, self.dataset)
         self.method.processes = Processes(self.accelerator.process_index, self.accelerator.num_processes)
+        networks = [*self.method.nets.read.values(), *self.method.frozen.values()]
+        if train.channels_last:
+            for module in networks:
+                module.to(memory_format=torch.channels_last)  # 4-D weights only; the EMA copy below inherits it
         self.ema = EMA(
             self.method.nets.read[self.method.ema_name],
             beta=train.ema.beta,
@@ -89,6 +93,10 @@ class Trainer:
             include_online_model=False,
             use_foreach=True,  # one kernel per dtype instead of one per tensor; same state, same values
         )
+        if train.compile:
+            _check_compiler(self.accelerator.device)
+            for module in networks:  # after the EMA's copy: what is exported and sampled stays eager
+                _compile_models(module)
         self._prepare(self.method.optimizers())
         world = self.accelerator.num_processes
         if train.batch_size % world:
@@ -341,6 +349,27 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.method.load_extra_state(state["method"])
         self._say(f"resumed from {path.name} (step {self.step})")
+
+
+def _compile_models(module: torch.nn.Module) -> None:
+    """``torch.compile`` the outermost diffusers models inside ``module`` in place (their ``state_dict`` keys, and
+    so checkpoints, stay those of the eager modules); the thin preconditioning wrappers around them stay eager."""
+    from diffusers import ModelMixin
+
+    if isinstance(module, ModelMixin):
+        module.compile()
+        return
+    for child in module.children():
+        _compile_models(child)
+
+
+def _check_compiler(device: torch.device) -> None:
+    """``train.compile`` on a CPU generates C++: refuse it at startup where no compiler is installed."""
+    import shutil
+
+    if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        raise InputError("train.compile: torch.compile on a CPU needs a C++ compiler (none found: install g++ "
+                         "or set CXX), or set train.compile=false")
 
 
 def _lr_and_betas(group: dict) -> dict:

@@ -103,6 +103,38 @@ def test_value_update_learns_correction_but_terminal_stays_energy(make_dxmi):
         assert torch.equal(method.value(x, torch.full((B,), T)), energy)
 
 
+def test_u_is_computed_only_on_the_rows_that_read_it(make_dxmi):
+    """In a batch mixing steps, U runs on the rows with k < T only (at k = T it is 0 by definition), and every row
+    gets what the per-step formula gives it."""
+    method = make_dxmi()
+    method.training_step(data_batch(), 0, make_update(method, []))  # U != 0 after one TD update
+    T = method.recipe.method.num_steps
+    x, k = data_batch(5), torch.arange(B) % (T + 1)
+    seen = []
+    handle = method.nets.read["value"].register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    with torch.no_grad():
+        mixed = method.value(x, k)
+    handle.remove()
+    assert seen == [int((k < T).sum())] and seen[0] < B
+    with torch.no_grad():
+        energy = -method.nets.read["critic"](x)
+        expected = torch.where(k == T, energy, energy + method.nets.read["value"](x, k.float()))
+    torch.testing.assert_close(mixed, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_read_networks_build_no_graph_for_their_weights(make_dxmi):
+    """The sampler's loss reads the critic and U: inside reading() their weights require no gradient (no graph is
+    kept for them), and afterwards they train again."""
+    method = make_dxmi()
+    critic = method.nets.read["critic"]
+    with method.reading(critic):
+        assert not any(p.requires_grad for p in critic.parameters())
+        x = data_batch().requires_grad_(True)
+        critic(x).sum().backward()
+        assert x.grad is not None and all(p.grad is None for p in critic.parameters())
+    assert all(p.requires_grad for p in critic.parameters())
+
+
 def test_shared_value_has_no_value_net(make_dxmi):
     """share_value: no U network, no value optimiser or loss, and V(x, k) = -l(x) for all k."""
     method = make_dxmi("method.share_value=true")

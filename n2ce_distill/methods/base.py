@@ -9,7 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -129,6 +130,27 @@ class Method(ABC):
     @abstractmethod
     def export(self, model: nn.Module, directory: Path) -> None:
         """Write ``model`` as a diffusers pipeline folder reloadable with ``from_pretrained``."""
+
+    def phase(self, name: str) -> ContextManager:
+        """Marks a stretch of a step that no update ends (DxMI's trajectory): a no-op, which the ``train_step``
+        benchmark replaces to count FLOPs and time per phase. The stretch that ends with ``update(term, ...)`` is
+        phase ``term`` without a marker."""
+        return nullcontext()
+
+    @staticmethod
+    @contextmanager
+    def reading(*modules: nn.Module) -> Iterator[None]:
+        """Forward passes through networks that are read, not trained, here (a critic judging the sampler's
+        output): their weights stop requiring gradients for the duration, so autograd keeps no graph for them;
+        gradients still flow through them to their inputs."""
+        params = [p for module in modules for p in module.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def adam(self, **groups: Iterable[nn.Parameter]) -> torch.optim.Adam:
         """One Adam over parameter groups named as recipe ``optim`` entries, each with its own lr and betas

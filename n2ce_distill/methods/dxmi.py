@@ -76,16 +76,24 @@ class DxMI(Method):
     def value(self, x: torch.Tensor, k: torch.Tensor, correction: nn.Module | None = None) -> torch.Tensor:
         """Cost-to-go ``V(x, k) = -l(x) + U(x, k)``, with ``U = 0`` at the final step (and when shared).
 
-        ``correction`` is the network that computes ``U``: the bare one by default, since the value is
-        read, not trained, there (and so never enters a distributed gradient reduction).
+        ``k`` lives on the host (a CPU tensor), so the rows that need ``U`` (``k < T``) are picked without waiting
+        for the device, and ``U`` is computed on those rows only. ``correction`` is the network that computes
+        ``U``: the bare one by default, since the value is read, not trained, there (and so never enters a
+        distributed gradient reduction).
         """
         energy = -self.nets.read["critic"](clamp_images(x))
         if "value" not in self.nets:
             return energy
         correction = correction or self.nets.read["value"]
+        inner = torch.nonzero(k < self.recipe.method.num_steps).squeeze(1)
+        if len(inner) == 0:
+            return energy
+        if len(inner) == len(k):
+            return energy + correction(x, k.to(device=x.device, dtype=x.dtype)).to(energy.dtype)
+        rows, steps = inner.to(x.device), k[inner].to(device=x.device, dtype=x.dtype)
         # U sees x as the critic does (not rescaled by c_in(sigma_k): measured, that made the 8-Gaussians
         # student diverge, SW2 > 100, where raw inputs reached 0.12)
-        return torch.where(k == self.recipe.method.num_steps, energy, energy + correction(x, k.float()))
+        return energy.index_add(0, rows, correction(x[rows], steps).to(energy.dtype))
 
     @property
     def first_value_step(self) -> int:
@@ -99,13 +107,14 @@ class DxMI(Method):
         sampler, bare_sampler = self.nets.train["sampler"], self.nets.read["sampler"]
         B, T, device = batch.shape[0], opts.num_steps, batch.device
         shape = tuple(batch.shape[1:])
-        with torch.no_grad():
+        with torch.no_grad(), self.phase("trajectory"):
             noise = lambda s: self.processes.randn(B, *shape, device=device)  # noqa: E731
             traj = bare_sampler.sample(B, return_trajectory=True, noise=noise)  # (T+1, B, ...)
         x_now, x_next = traj[:-1], traj[1:]
 
-        sq_step = self.processes.mean((x_next - x_now).pow(2).flatten(2).mean(dim=2).mean(dim=1)).cpu()
-        self.velocity = opts.velocity_momentum * self.velocity + (1 - opts.velocity_momentum) * sq_step
+        # the running velocity stays on the device (read back only for checkpoints)
+        sq_step = self.processes.mean((x_next - x_now).pow(2).flatten(2).mean(dim=2).mean(dim=1))
+        self.velocity = opts.velocity_momentum * self.velocity.to(device) + (1 - opts.velocity_momentum) * sq_step
 
         # one forward over data and samples together: half the launches, one DDP forward per backward.
         # The critic judges the samples as the pipeline exports them, clamped to the data range: half of
@@ -123,27 +132,35 @@ class DxMI(Method):
         first = self.first_value_step
         if "value" in self.nets and first < T:
             n = T - first
-            k_all = torch.arange(first, T, device=device).repeat_interleave(B)
+            k_all = torch.arange(first, T).repeat_interleave(B)  # on the host: see value()
             with torch.no_grad():
                 target = self.value(x_next[first:].reshape(n * B, *shape), k_all + 1)
-            value_loss = (self.value(x_now[first:].reshape(n * B, *shape), k_all, self.nets.train["value"]) - target).pow(2).mean()
+            with self.reading(self.nets.read["critic"]):
+                value = self.value(x_now[first:].reshape(n * B, *shape), k_all, self.nets.train["value"])
+            value_loss = (value - target).pow(2).mean()
             update("value", value_loss)
             logs["loss_value"] = value_loss.detach()
 
         # the sampler learns from B transitions drawn from the buffer (one random step per
         # trajectory, all k >= sampler_steps_from mixed), so its cost per iteration does not grow with T
-        k = self.processes.draw(lambda n: torch.randint(opts.sampler_steps_from, T, (n,), device=device), B)
+        # (steps drawn on the host: see value())
+        k_host = self.processes.draw(lambda n: torch.randint(opts.sampler_steps_from, T, (n,)), B)
+        k = k_host.to(device)
         x_prev = x_now[k, torch.arange(B, device=device)]
         x_new = sampler(x_prev, k, self.processes.randn(B, *shape, device=device))
-        velocity = self.velocity.to(device)[k]
+        velocity = self.velocity[k]
         log_scale = bare_sampler.scales()[k].log()
         running = opts.tau2 * (x_new - x_prev).pow(2).flatten(1).mean(1) / (2 * velocity) - opts.tau1 * log_scale
-        sampler_loss = (self.value(x_new, k + 1) + running).mean()
+        with self.reading(*self.value_networks()):  # gradients reach x_new, not the critic's or U's weights
+            sampler_loss = (self.value(x_new, k_host + 1) + running).mean()
         update("sampler", sampler_loss, clip=SAMPLER_CLIP)
         logs["loss_sampler"] = sampler_loss.detach()
         # the learned noise scales (after this update): on digits s_0 grew whenever the early steps trained
         logs.update({f"scale_{i}": s.detach() for i, s in enumerate(bare_sampler.scales())})
         return StepOutput(logs, critic_logits)
+
+    def value_networks(self) -> list[nn.Module]:
+        return [self.nets.read[name] for name in ("critic", "value") if name in self.nets]
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return model.sample(batch_size, generator=generator)

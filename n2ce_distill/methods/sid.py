@@ -121,8 +121,10 @@ class SiD(Method):
         lo, hi = opts.sigma_min ** (1 / 7), opts.sigma_max ** (1 / 7)
         sigma = (hi + (1 - t) * (lo - hi)) ** 7
         x_t = x_g + view(sigma) * self.processes.randn(B, *batch.shape[1:], device=device)
-        # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction
-        real, fake = self.frozen["teacher"](x_t, sigma), self.nets.read["fake_score"](x_t, sigma)
+        # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction, and
+        # reading() keeps autograd from building a graph for its weights (the encoder's logits come from this pass)
+        with self.reading(self.nets.read["fake_score"]):
+            real, fake = self.frozen["teacher"](x_t, sigma), self.nets.read["fake_score"](x_t, sigma)
         w = (x_g - real).abs().flatten(1).mean(1).clamp_min(MIN_NORMALISER).detach()
         per_pixel = (real - fake) * ((real - x_g) - opts.alpha * (real - fake))
         sid_loss = (per_pixel.flatten(1).sum(1) / w).mean()
