@@ -7,6 +7,7 @@ and its paths have been validated.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -91,11 +92,17 @@ def _bench(args: argparse.Namespace) -> None:
     name = args.name.replace("-", "_")  # mle-gradient and mle_gradient both work
     if name not in BENCHMARKS:
         raise InputError(f"bench: unknown benchmark {args.name!r}; choose from {sorted(BENCHMARKS)}")
+    run = BENCHMARKS[name]
+    takes_args = "args" in inspect.signature(run).parameters
+    if args.args and not takes_args:
+        raise InputError(f"bench {name}: takes no arguments, got {' '.join(args.args)!r}")
+    if takes_args and not args.args:
+        raise InputError(f"bench {name}: needs a recipe, e.g. bench {name} recipes/digits_dxmi_n2ce.yaml")
     out = Path(args.out or f"bench-output/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    print(BENCHMARKS[name](quick=args.quick, out=out))
+    print(run(quick=args.quick, out=out, args=args.args) if takes_args else run(quick=args.quick, out=out))
     print(f"plots in {out}")
 
 
@@ -191,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "run a benchmark: " + ", ".join(BENCHMARKS) + " (hyphens work too)")
     bench.add_argument("name", help="benchmark name")
+    bench.add_argument("args", nargs="*", help="what the benchmark takes: train_step RECIPE [key=value ...]")
     bench.add_argument("--quick", action="store_true", help="a small version that runs in a minute or two")
     bench.add_argument("--out", help="folder for the plots (default: a new bench-output/NAME-TIME, so a run never "
                        "overwrites the plots shipped in benchmarks/)")

@@ -184,15 +184,9 @@ class Trainer:
     def train(self) -> Path:
         acc, train = self.accelerator, self.recipe.train
         acc.init_trackers("n2ce-distill", config=_flat(self.recipe.model_dump()))
-        rank, per_process = acc.process_index, train.batch_size // acc.num_processes
         self._bar = tqdm(total=train.max_steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         while self.step < train.max_steps:
-            batch = next(self.loader)
-            batch = batch[rank * per_process:(rank + 1) * per_process].to(acc.device)
-            with acc.accumulate(*self.method.nets.train.values()), acc.autocast():
-                output = self.method.training_step(batch, self.step, self._update)
-            self.ema.update()
-            self.step += 1
+            output = self.iteration()
             self._bar.update(1)
             self._after_step(output)
         self._check_finite()
@@ -206,6 +200,18 @@ class Trainer:
         acc.wait_for_everyone()
         acc.end_training()
         return final
+
+    def iteration(self) -> StepOutput:
+        """One training iteration (this process's slice of the next batch, the method's step, the EMA update),
+        without the logging, sampling, evaluation and checkpoint hooks that :meth:`train` runs after it."""
+        acc, per_process = self.accelerator, self.recipe.train.batch_size // self.accelerator.num_processes
+        batch = next(self.loader)
+        batch = batch[acc.process_index * per_process:(acc.process_index + 1) * per_process].to(acc.device)
+        with acc.accumulate(*self.method.nets.train.values()), acc.autocast():
+            output = self.method.training_step(batch, self.step, self._update)
+        self.ema.update()
+        self.step += 1
+        return output
 
     def _after_step(self, output: StepOutput) -> None:
         train, step = self.recipe.train, self.step

@@ -180,3 +180,45 @@ def test_u_curve_batch_gradient_matches_closed_form():
     want = (((M / (M + r_d))[..., None] * (x_data - mu)).mean(1)
             - ((M * r_n / (M + r_n))[..., None] * (x_noise - mu)).mean(1))
     assert torch.allclose(got, want, rtol=1e-10)
+
+
+def test_train_step_stand_in_has_the_ddpm_cifar10_architecture(tmp_path):
+    """The stand-in must cost what google/ddpm-cifar10-32 costs: 35.7M parameters (Ho et al. 2020), 3x32x32, the
+    1000-step linear VP schedule; and it must load through the same code as the hub teacher."""
+    from n2ce_distill.benchmarks.train_step import STANDINS
+    from n2ce_distill.denoisers import VPEpsilonDenoiser, load_denoiser
+
+    teacher = load_denoiser(str(STANDINS["google/ddpm-cifar10-32"](tmp_path / "teacher")))
+    assert isinstance(teacher, VPEpsilonDenoiser) and teacher.sample_shape == (3, 32, 32)
+    assert abs(sum(p.numel() for p in teacher.net.parameters()) - 35.7e6) < 0.05e6
+    assert abs(teacher.sigma_max - 157.4) < 0.1
+
+
+def test_train_step_accounts_every_flop_of_an_iteration(recipe_file, vp_teacher, tmp_path):
+    """Per phase FLOPs add up to the iteration's; DxMI's trajectory (T sampler calls on B images) costs exactly what
+    sampling B images costs; each phase that trains a network costs more than its forward alone (backward ~2x)."""
+    from n2ce_distill.benchmarks.train_step import run
+
+    recipe = recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"},
+                          "teacher": {"path": str(vp_teacher)},
+                          "critic": {"channels": [8, 16], "num_res_blocks": 2}})
+    text = run(quick=True, out=tmp_path, args=[str(recipe)])
+    headers, rows = _table(text.split("\n\n", 1)[1])
+    assert headers == ["precision", "phase", "GFLOP", "ms (median)", "GFLOP/s", "% of peak"]
+    for precision in ("no", "bf16"):
+        flops = {row[1]: float(row[2]) for row in rows if row[0] == precision}
+        assert {"trajectory", "critic", "value", "sampler", "iteration", "sampling (8)"} <= set(flops)
+        phases = sum(v for k, v in flops.items() if k not in ("iteration", "sampling (8)"))
+        assert phases == pytest.approx(flops["iteration"], rel=0.01)
+        assert flops["trajectory"] == pytest.approx(flops["sampling (8)"], rel=0.01)
+        assert flops["sampler"] > flops["trajectory"] / 2  # one sampler step with backward > half of T=2 forwards
+    assert "fp32 peak" in text and "bf16 peak" in text
+
+
+def test_bench_arguments_are_checked(capsys):
+    from n2ce_distill.cli import main
+
+    assert main(["bench", "train_step"]) == 2
+    assert "bench train_step: needs a recipe" in capsys.readouterr().err
+    assert main(["bench", "chasm", "extra"]) == 2
+    assert "bench chasm: takes no arguments, got 'extra'" in capsys.readouterr().err

@@ -62,17 +62,6 @@ def test_fid_curves_reads_globs_and_reports_bad_logs(tmp_path, capsys):
     assert "B: no run folders" in capsys.readouterr().err
 
 
-def test_train_step_bench_teacher_has_the_ddpm_cifar10_architecture(tmp_path):
-    """The timing stand-in must cost what google/ddpm-cifar10-32 costs: 35.7M parameters (Ho et al. 2020), 3x32x32,
-    the 1000-step linear VP schedule; and it must load through the same code as the hub teacher."""
-    from n2ce_distill.denoisers import VPEpsilonDenoiser, load_denoiser
-
-    teacher = load_denoiser(load_script("bench_train_step").ddpm_cifar10_standin(tmp_path / "teacher"))
-    assert isinstance(teacher, VPEpsilonDenoiser) and teacher.sample_shape == (3, 32, 32)
-    assert abs(sum(p.numel() for p in teacher.net.parameters()) - 35.7e6) < 0.05e6
-    assert abs(teacher.sigma_max - 157.4) < 0.1
-
-
 def _critic_log(run, values):
     """A TensorBoard log as the trainer writes it: critic/* scalars at the given steps."""
     from torch.utils.tensorboard import SummaryWriter

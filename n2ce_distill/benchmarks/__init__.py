@@ -1,5 +1,6 @@
-"""Density-ratio benchmarks (SPEC section 3): each ``run(quick: bool, out: Path) -> str`` returns a markdown
-table and saves a PNG plot into ``out``. ``n2ce-distill bench NAME [--quick] [--out DIR]`` runs one.
+"""Benchmarks: each ``run(quick: bool, out: Path) -> str`` returns a markdown table and saves its plots into
+``out``; one that takes arguments (``train_step``) has ``run(quick, out, args)``.
+``n2ce-distill bench NAME [ARGS ...] [--quick] [--out DIR]`` runs one.
 
 - ``chasm``: the density chasm (TRE's d/4-nat Gaussians): NCE, N²CE(M), NWJ, TRE, multi-stage N²CE.
 - ``mle_gradient``: the expected N²CE gradient against the analytic MLE gradient, SCE, trajectories.
@@ -7,6 +8,8 @@ table and saves a PNG plot into ``out``. ``n2ce-distill bench NAME [--quick] [--
 - ``overhead``: critic step time of NCE, N²CE and a naive M-noise-copies implementation.
 - ``gauss_distill``: a Gaussian generator distilled towards the chasm Gaussian through a critic trained with
   each objective; exact KL against iterations (does the objective matter inside the chasm?).
+- ``train_step RECIPE [key=value ...]``: FLOPs and time of one training iteration of any recipe, per phase, in
+  fp32 and bf16, as a fraction of the machine's measured matmul peak; and of sampling (see :mod:`.train_step`).
 - ``dxmi_toy``, ``dxmi_digits``, ``sid_digits``: distillation with cd / nce / n2ce (or GAN / NCE / N²CE
   adversarial critics) at equal iterations over seeds (see :mod:`.distill`).
 """
@@ -47,4 +50,5 @@ BENCHMARKS = _Registry({
     "dxmi_toy": "distill:run_dxmi_toy",
     "dxmi_digits": "distill:run_dxmi_digits",
     "sid_digits": "distill:run_sid_digits",
+    "train_step": "train_step:run",
 })
