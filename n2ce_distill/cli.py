@@ -11,6 +11,7 @@ import inspect
 import sys
 import time
 from pathlib import Path
+
 from .errors import InputError
 
 __all__ = ["main"]

@@ -35,6 +35,7 @@ __all__ = [
     "SiDConfig",
     "RecipeConfig",
     "load_recipe",
+    "read_recipe",
     "parse_overrides",
 ]
 
@@ -120,7 +121,7 @@ class CriticConfig(_Strict):
     def _objective_parameters(self) -> "CriticConfig":
         """Each extra key is a hyperparameter of some registered objective, validated against that objective's
         annotation (the chosen objective's own when it has the key)."""
-        owners = {name: param for cls in reversed(list(OBJECTIVES.values())) for name, param in cls.parameters().items()}
+        owners = {name: param for cls in OBJECTIVES.values() for name, param in cls.parameters().items()}
         owners |= OBJECTIVES[self.objective].parameters()
         for key, value in list(self.model_extra.items()):
             if key not in owners:
@@ -209,7 +210,7 @@ class TeacherTrainingConfig(_MethodSection):
     name: Literal["teacher"]
     net: TeacherNetConfig = Field(default_factory=TeacherNetConfig)
 
-    optimized: ClassVar[dict[str, float]] = {"denoiser": 1e-4}  # no critic
+    optimized: ClassVar[dict[str, float]] = {"denoiser": 1e-4}
 
 
 class DxMIConfig(_MethodSection):
@@ -329,11 +330,12 @@ class RecipeConfig(_Strict):
         given = self.critic.model_fields_set | set(self.critic.model_extra)
         if given and not self.method.trains_critic:
             raise ValueError(f"critic: method {self.method.name!r} trains no critic; remove the critic section")
+        reads = self._critic_reads()
         # another objective's hyperparameters are noted, not refused (see unused_keys)
-        unread = sorted(given - self._critic_reads() - _objective_parameter_names())
+        unread = sorted(given - reads - _objective_parameter_names())
         if unread:
             raise ValueError(f"critic.{unread[0]}: not used by method {self.method.name!r} (it reads critic."
-                             + ", critic.".join(sorted(self._critic_reads())) + ")")
+                             + ", critic.".join(sorted(reads)) + ")")
         return self
 
     def resolved(self) -> dict[str, Any]:
@@ -461,8 +463,9 @@ def _one_line(error: ValidationError) -> str:
     return f"{key}: {message} (got {first.get('input')!r})"
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
-    """Read, merge overrides into, and validate a recipe; raise :class:`ConfigError` on any problem."""
+def read_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """A recipe file as a plain dict, its relative paths resolved next to it and ``overrides`` merged in, not yet
+    validated; raise :class:`ConfigError` for a missing file or bad YAML."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r}: file not found")
@@ -473,8 +476,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {str(path)!r}: expected a mapping at the top level")
     # overrides are typed on the command line: their paths stay relative to the working directory
-    raw = _merge(_resolve_paths(raw, path.parent), parse_overrides(list(overrides)))
+    return _merge(_resolve_paths(raw, path.parent), parse_overrides(list(overrides)))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> RecipeConfig:
+    """Read, merge overrides into, and validate a recipe; raise :class:`ConfigError` on any problem."""
     try:
-        return RecipeConfig.model_validate(raw)
+        return RecipeConfig.model_validate(read_recipe(path, overrides))
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None

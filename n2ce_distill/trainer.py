@@ -134,10 +134,8 @@ class Trainer:
         were, and is reported by :meth:`_check_finite` at the next logged step."""
         opt = self.optimizers[term]
         owned = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-        bad_loss = ~torch.isfinite(loss.detach()).all()
         self._guarded.append((self.step, term, "loss", loss.detach().float().reshape(-1)[0]))
-        pending = self._loss_pending.pop(term, None)
-        bad = bad_loss if pending is None else pending | bad_loss
+        bad = self._loss_pending.pop(term, False) | ~torch.isfinite(loss.detach()).all()
         # gradients reach only this optimiser's parameters: a sampler loss that runs through the
         # critic must not leave stale gradients on the critic
         self.accelerator.backward(loss, inputs=owned)
@@ -167,7 +165,7 @@ class Trainer:
         guarded, self._guarded = self._guarded, []
         if not guarded:
             return
-        values = torch.stack([value for *_, value in guarded]).tolist()
+        values = _read([value for *_, value in guarded])
         bad = [(step, term, what, value) for (step, term, what, _), value in zip(guarded, values) if not math.isfinite(value)]
         if not bad:
             return
@@ -219,8 +217,7 @@ class Trainer:
             self._check_finite()
             # the step's scalars and gradient norms stay on the device until here: one read for all of them
             device_logs = output.scalars | {f"grad_norm/{term}": norm for term, norm in self._grad_norms.items()}
-            logs = dict(zip(device_logs, torch.stack([v.float().reshape(()) for v in device_logs.values()]).tolist())) \
-                if device_logs else {}
+            logs = dict(zip(device_logs, _read(list(device_logs.values()))))
             logs["skipped_steps"] = self.skipped_steps
             logs |= {f"lr/{group['name']}": group["lr"] for opt in self.optimizers.values() for group in opt.param_groups}
             if output.critic_logits is not None:
@@ -376,6 +373,11 @@ def _check_compiler(device: torch.device) -> None:
     if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
         raise InputError("train.compile: torch.compile on a CPU needs a C++ compiler (none found: install g++ "
                          "or set CXX), or set train.compile=false")
+
+
+def _read(values: list[torch.Tensor]) -> list[float]:
+    """One-element device tensors as floats, in one read from the device (each ``float()`` would wait alone)."""
+    return torch.stack([v.float().reshape(()) for v in values]).tolist() if values else []
 
 
 def _lr_and_betas(group: dict) -> dict:

@@ -273,14 +273,14 @@ def test_resume_of_other_networks_is_one_clear_error(dxmi_recipe, tmp_path):
         Trainer(wider, tmp_path, resume="latest")
 
 
-def _losses(recipe, out: Path, monkeypatch) -> list[dict[str, float]]:
-    """The logged losses of each step of a short run."""
+def _losses(recipe, out: Path, monkeypatch) -> tuple[Trainer, list[dict[str, float]]]:
+    """The trainer of a short run, and the logged losses of each of its steps."""
     trainer = Trainer(recipe, out)
     seen, after = [], trainer._after_step
     monkeypatch.setattr(trainer, "_after_step", lambda output: (
         seen.append({k: float(v) for k, v in output.scalars.items() if k.startswith("loss")}), after(output)))
     trainer.train()
-    return seen
+    return trainer, seen
 
 
 @pytest.mark.parametrize("key", ["train.channels_last=true", "train.compile=true"])
@@ -297,8 +297,16 @@ def test_fast_paths_compute_the_eager_losses(recipe_file, vp_teacher, toy_teache
     recipe = recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": data, "num_points": 512},
                           "teacher": {"path": str(teacher)}})
     steps = ["train.max_steps=3", "train.checkpoint_every=3", *TINY]
-    eager = _losses(load_recipe(recipe, steps), tmp_path / "eager", monkeypatch)
-    fast = _losses(load_recipe(recipe, [*steps, key]), tmp_path / "fast", monkeypatch)
+    _, eager = _losses(load_recipe(recipe, steps), tmp_path / "eager", monkeypatch)
+    trainer, fast = _losses(load_recipe(recipe, [*steps, key]), tmp_path / "fast", monkeypatch)
+    modules = [m for net in trainer.method.nets.read.values() for m in net.modules()]
+    if "compile" in key:  # the fast path did run: every network's model is compiled
+        assert sum(getattr(m, "_compiled_call_impl", None) is not None for m in modules) == len(trainer.method.nets.read)
+    else:
+        convs = [m.weight for m in modules if isinstance(m, torch.nn.Conv2d)]
+        # (1x1 kernels and one-channel inputs are contiguous in both layouts: the others show the conversion)
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+        assert sum(not w.is_contiguous() for w in convs) > len(convs) / 2
     assert [set(s) for s in eager] == [set(s) for s in fast] and {"loss_critic", "loss_value", "loss_sampler"} <= set(eager[-1])
     for a, b in zip(eager, fast):
         for name in a:
@@ -310,3 +318,18 @@ def test_compile_without_a_compiler_is_refused_at_startup(dxmi_recipe, tmp_path,
     with pytest.raises(ValueError, match=r"^train.compile: torch.compile on a CPU needs a C\+\+ compiler"):
         Trainer(load_recipe(dxmi_recipe, ["train.compile=true", *TINY]), tmp_path)
     assert not (tmp_path / "logs").exists()
+
+
+def test_an_optimiser_without_a_device_side_skip_is_skipped_from_the_host(dxmi_recipe, tmp_path):
+    """A method may return an optimiser without fused Adam's ``found_inf`` (SGD here): a non-finite update is
+    then skipped by reading the flag on the host, and reported like any other at the next check."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    trainer = Trainer(load_recipe(dxmi_recipe, ["train.max_steps=1", *TINY]), tmp_path)
+    critic = trainer.method.nets.read["critic"]
+    trainer.optimizers["critic"] = AcceleratedOptimizer(torch.optim.SGD(critic.parameters(), lr=0.1))
+    weights = {k: v.clone() for k, v in critic.state_dict().items()}
+    trainer._update("critic", critic(torch.zeros(2, 1, 8, 8)).sum() * float("nan"))
+    assert all(torch.equal(v, critic.state_dict()[k]) for k, v in weights.items()), "critic moved on a NaN loss"
+    with pytest.raises(NonFiniteError, match="step 0: non-finite critic loss"):
+        trainer._check_finite()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import RecipeConfig, load_recipe
+from ..config import RecipeConfig, load_recipe, read_recipe
 from ..errors import InputError
 from ..reporting import markdown_table
 
@@ -68,8 +68,9 @@ def _random_images(path: Path, size: int, count: int = 256) -> Path:
 
 
 def _offline(recipe_path: str, overrides: list[str], scratch: Path) -> list[str]:
-    """Overrides that replace a hub teacher by its stand-in and missing image data by random images."""
-    raw = load_recipe_raw(recipe_path)
+    """Overrides that replace a hub teacher by its stand-in and missing image data by random images, unless the
+    user's overrides set them (theirs come last and win)."""
+    raw = read_recipe(recipe_path, overrides)  # not validated: an image folder that is missing would not be
     extra = []
     teacher = (raw.get("teacher") or {}).get("path", "")
     if teacher in STANDINS and not Path(teacher).exists():
@@ -78,15 +79,16 @@ def _offline(recipe_path: str, overrides: list[str], scratch: Path) -> list[str]
     if data.get("name") in ("cifar10", "image-folder") and not Path(str(data.get("root"))).is_dir():
         size = data.get("image_size") or 32
         extra += ["data.name=image-folder", f"data.root={_random_images(scratch / 'images', size)}", f"data.image_size={size}"]
-    return extra + list(overrides)  # the user's overrides win
+    return extra + list(overrides)
 
 
-def load_recipe_raw(path: str) -> dict:
-    import yaml
-
-    if not Path(path).is_file():
-        raise InputError(f"bench train_step: recipe {path!r} not found")
-    return yaml.safe_load(Path(path).read_text()) or {}
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of ``fn()`` with the device synchronised before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _sync(device: torch.device) -> None:
@@ -97,22 +99,16 @@ def _sync(device: torch.device) -> None:
 def peak_flops(dtype: torch.dtype, device: torch.device, size: int, reps: int) -> float:
     """FLOP/s of a ``size``-square matmul in ``dtype`` (median of ``reps`` after one warm-up)."""
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    times = []
-    for i in range(reps + 1):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        if i:
-            times.append(time.perf_counter() - start)
+    times = [_seconds(lambda: a @ b, device) for _ in range(reps + 1)][1:]
     return 2 * size**3 / statistics.median(times)
 
 
 class PhaseClock:
     """Splits one training iteration into phases for FLOPs (``counter`` given) or seconds (``counter=None``).
 
-    Install it on a trainer with :meth:`install`: it wraps the trainer's update callback and the method's
-    :meth:`~n2ce_distill.methods.Method.phase` so that every boundary records the running total."""
+    ``with clock.installed(trainer):`` wraps the trainer's update callback and the method's
+    :meth:`~n2ce_distill.methods.Method.phase` so that every boundary records the running total, and restores
+    both afterwards."""
 
     def __init__(self, device: torch.device, counter: FlopCounterMode | None = None):
         self.device, self.counter = device, counter
@@ -136,47 +132,47 @@ class PhaseClock:
         yield
         self.close(name)
 
-    def install(self, trainer) -> None:
+    @contextmanager
+    def installed(self, trainer) -> Iterator[None]:
         update = trainer._update
 
         def timed_update(term: str, loss: torch.Tensor, clip: float | None = None) -> None:
             update(term, loss, clip)
             self.close(term)
 
-        trainer._update = timed_update
-        trainer.method.phase = self.phase
+        trainer._update, trainer.method.phase = timed_update, self.phase
+        try:
+            yield
+        finally:
+            del trainer._update, trainer.method.phase  # the instance attributes: the class's methods again
 
 
 def _iteration_phases(trainer, counter: FlopCounterMode | None) -> dict[str, float]:
+    """Per phase totals of one iteration, and ``"iteration"``: the whole (the EMA update and anything after the
+    last update is ``"other"``)."""
     clock = PhaseClock(trainer.accelerator.device, counter)
-    clock.install(trainer)
-    trainer.iteration()
-    clock.close("other")  # the EMA update and anything after the last update
-    return dict(clock.totals)
+    with clock.installed(trainer):
+        trainer.iteration()
+    clock.close("other")
+    return dict(clock.totals) | {"iteration": sum(clock.totals.values())}
 
 
-def _sampling(trainer, count: bool) -> float:
-    generator = torch.Generator(trainer.accelerator.device).manual_seed(0)
-    batch = trainer.recipe.train.batch_size
-    with torch.no_grad(), trainer.accelerator.autocast():
-        if count:
-            with FlopCounterMode(display=False) as counter:
-                trainer.method.generate(trainer.ema.ema_model, batch, generator)
-            return float(counter.get_total_flops())
-        _sync(trainer.accelerator.device)
-        start = time.perf_counter()
-        trainer.method.generate(trainer.ema.ema_model, batch, generator)
-        _sync(trainer.accelerator.device)
-        return time.perf_counter() - start
+@contextmanager
+def _fresh_accelerator_state() -> Iterator[None]:
+    """Accelerate keeps one mixed-precision setting per process: each precision here gets a fresh one, and
+    none is left behind for the next trainer of this process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _measure(recipe: RecipeConfig, scratch: Path, reps: int, warmup: int, peak_size: int) -> tuple[list[list], dict]:
-    from accelerate.state import AcceleratorState
-
     from ..trainer import Trainer
 
-    # Accelerate keeps one mixed-precision setting per process; each precision here is a fresh trainer
-    AcceleratorState._reset_state(reset_partial_state=True)
     trainer = Trainer(recipe, scratch / f"run-{recipe.train.mixed_precision}")
     device = trainer.accelerator.device
     if device.type == "cuda":
@@ -189,20 +185,26 @@ def _measure(recipe: RecipeConfig, scratch: Path, reps: int, warmup: int, peak_s
     for _ in range(reps):
         for label, value in _iteration_phases(trainer, None).items():
             seconds[label].append(value)
-    sample_flops = _sampling(trainer, count=True)
-    sample_seconds = statistics.median(_sampling(trainer, count=False) for _ in range(max(1, reps // 2)))
+
+    generator = torch.Generator(device).manual_seed(0)
+    batch = recipe.train.batch_size
+
+    def sample() -> None:
+        with torch.no_grad(), trainer.accelerator.autocast():
+            trainer.method.generate(trainer.ema.ema_model, batch, generator)
+
+    with FlopCounterMode(display=False) as counter:
+        sample()
+    flops[f"sampling ({batch})"] = float(counter.get_total_flops())
+    seconds[f"sampling ({batch})"] = [_seconds(sample, device) for _ in range(max(1, reps // 2))]
     trainer._check_finite()  # a benchmark of a run that went non-finite is no benchmark
     dtype = torch.bfloat16 if recipe.train.mixed_precision == "bf16" else torch.float32
     peak = peak_flops(dtype, device, peak_size, reps=5)
+    order = [p for p in flops if p not in ("other", "iteration") and not p.startswith("sampling")]
     rows = []
-    phases = [p for p in flops if p != "other"] + ["other"]
-    total_s = sum(statistics.median(seconds[p]) for p in phases if seconds[p])
-    for label in [*phases, "iteration"]:
-        f = sum(flops.values()) if label == "iteration" else flops.get(label, 0.0)
-        s = total_s if label == "iteration" else statistics.median(seconds[label]) if seconds[label] else float("nan")
-        rows.append([recipe.train.mixed_precision, label, f / 1e9, s * 1e3, f / s / 1e9 if s else float("nan"), 100 * f / s / peak])
-    rows.append([recipe.train.mixed_precision, f"sampling ({recipe.train.batch_size})", sample_flops / 1e9,
-                 sample_seconds * 1e3, sample_flops / sample_seconds / 1e9, 100 * sample_flops / sample_seconds / peak])
+    for label in [*order, "other", "iteration", f"sampling ({batch})"]:
+        f, s = flops.get(label, 0.0), statistics.median(seconds[label])
+        rows.append([recipe.train.mixed_precision, label, f / 1e9, s * 1e3, f / s / 1e9, 100 * f / s / peak])
     facts = {"peak": peak, "memory": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     return rows, facts
 
@@ -224,12 +226,8 @@ def run(quick: bool, out: Path, args: list[str]) -> str:
                 "train.checkpoint_every=1000000", "train.sample_every=1000000", "train.log_every=1000000",
                 *(["train.batch_size=8"] if quick else []),
             ])
-            try:
+            with _fresh_accelerator_state():
                 precision_rows, facts = _measure(recipe, scratch, reps, warmup, peak_size)
-            finally:  # leave no mixed-precision state behind for the next trainer of this process
-                from accelerate.state import AcceleratorState
-
-                AcceleratorState._reset_state(reset_partial_state=True)
             rows += precision_rows
             memory = f", peak memory {facts['memory']:.2f} GiB" if facts["memory"] is not None else ""
             notes.append(f"{'fp32' if precision == 'no' else 'bf16'} peak ({peak_size}-square matmul): "
@@ -237,5 +235,5 @@ def run(quick: bool, out: Path, args: list[str]) -> str:
     device = torch.cuda.get_device_name() if device_is_gpu else f"CPU, {torch.get_num_threads()} threads"
     headers = ["precision", "phase", "GFLOP", "ms (median)", "GFLOP/s", "% of peak"]
     return (f"**{Path(recipe_path).name}** {' '.join(overrides)} (batch {recipe.train.batch_size}, {device}; "
-            f"median of {reps} iterations after {warmup} warm-up)\n\n" + markdown_table(headers, rows)
+            f"median of {reps} iterations after {warmup} warm-up; the iteration row is the median of whole iterations)\n\n" + markdown_table(headers, rows)
             + "\n\n" + "; ".join(notes) + ". FLOPs count matmuls and convolutions (forward and backward).")

@@ -88,12 +88,11 @@ class DxMI(Method):
         inner = torch.nonzero(k < self.recipe.method.num_steps).squeeze(1)
         if len(inner) == 0:
             return energy
-        if len(inner) == len(k):
-            return energy + correction(x, k.to(device=x.device, dtype=x.dtype)).to(energy.dtype)
-        rows, steps = inner.to(x.device), k[inner].to(device=x.device, dtype=x.dtype)
+        rows = inner.to(x.device)
         # U sees x as the critic does (not rescaled by c_in(sigma_k): measured, that made the 8-Gaussians
         # student diverge, SW2 > 100, where raw inputs reached 0.12)
-        return energy.index_add(0, rows, correction(x[rows], steps).to(energy.dtype))
+        correction_rows = correction(x[rows], k[inner].to(device=x.device, dtype=x.dtype))
+        return energy.index_add(0, rows, correction_rows.to(energy.dtype))
 
     @property
     def first_value_step(self) -> int:
@@ -151,16 +150,14 @@ class DxMI(Method):
         velocity = self.velocity[k]
         log_scale = bare_sampler.scales()[k].log()
         running = opts.tau2 * (x_new - x_prev).pow(2).flatten(1).mean(1) / (2 * velocity) - opts.tau1 * log_scale
-        with self.reading(*self.value_networks()):  # gradients reach x_new, not the critic's or U's weights
+        # gradients reach x_new, not the critic's or U's weights
+        with self.reading(*(self.nets.read[name] for name in ("critic", "value") if name in self.nets)):
             sampler_loss = (self.value(x_new, k_host + 1) + running).mean()
         update("sampler", sampler_loss, clip=SAMPLER_CLIP)
         logs["loss_sampler"] = sampler_loss.detach()
         # the learned noise scales (after this update): on digits s_0 grew whenever the early steps trained
         logs.update({f"scale_{i}": s.detach() for i, s in enumerate(bare_sampler.scales())})
         return StepOutput(logs, critic_logits)
-
-    def value_networks(self) -> list[nn.Module]:
-        return [self.nets.read[name] for name in ("critic", "value") if name in self.nets]
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return model.sample(batch_size, generator=generator)
