@@ -47,6 +47,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    import json
+
     import numpy as np
     import torch
     from PIL import Image
@@ -55,15 +57,19 @@ def _sample(args: argparse.Namespace) -> None:
     from .fid_inputs import to_uint8
     from .visualize import save_samples
 
-    _, source = resolve_source(args.source)
+    _, source = resolve_source(args.source, class_labels=args.class_labels, guidance_scale=args.guidance_scale)
     generator = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
+    labels = source.labels(args.num_samples)  # None for an unconditional source
     chunks, remaining = [], args.num_samples
     while remaining > 0:
-        chunks.append(source(min(args.batch_size, remaining), generator).cpu())
+        wanted = None if labels is None else labels[len(labels) - remaining:][:args.batch_size]
+        chunks.append(source(min(args.batch_size, remaining), generator, wanted).cpu())
         remaining -= len(chunks[-1])
     samples = torch.cat(chunks)
     out.mkdir(parents=True, exist_ok=True)
+    if labels is not None:  # image i was drawn for class labels[i]
+        (out / "labels.json").write_text(json.dumps(labels.tolist()) + "\n")
     save_samples(samples[:256], out / "grid.png")
     if samples.dim() == 2:  # 2-D points: an array file, no pickle
         np.save(out / "samples.npy", samples.numpy(), allow_pickle=False)
@@ -83,6 +89,7 @@ def _fid(args: argparse.Namespace) -> None:
     table = evaluate_inputs(
         args.inputs, args.ref, num_samples=args.num_samples, out=Path(args.out), batch_size=args.batch_size,
         seed=args.seed, extractor=args.extractor, inception_weights=args.inception_weights, kid=args.kid, prc=args.prc,
+        guidance_scale=args.guidance_scale,
     )
     print(table)
 
@@ -124,6 +131,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _labels(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected class indices separated by commas, got {text!r}") from None
 
 
 def _version() -> str:
@@ -175,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-samples", type=_positive, default=64, help="how many samples")
     sample.add_argument("--batch-size", type=_positive, default=256, help="samples per call")
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    sample.add_argument("--class-labels", type=_labels, metavar="K[,K...]",
+                        help="classes to draw, cycled over the samples (a class-conditional source; default: every "
+                        "class equally often); labels.json lists each image's class")
+    sample.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance (default: none for a teacher, the distilled one for a student)")
     sample.add_argument("--out", required=True, help="output folder: images/ (PNG, readable by fid) and grid.png")
     sample.set_defaults(run=_sample)
 
@@ -190,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     fid.add_argument("--batch-size", type=_positive, default=500, help="samples per batch")
     fid.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     fid.add_argument("--inception-weights", help="local weights for inception-v3-compat (no download)")
+    fid.add_argument("--guidance-scale", type=float, help="classifier-free guidance of conditional inputs (default: "
+                     "none for teachers, the distilled one for students)")
     fid.add_argument("--kid", action="store_true", help="also kernel inception distance")
     fid.add_argument("--prc", action="store_true", help="also precision / recall")
     fid.add_argument("--out", default="fid-output", help="folder for fid.csv, fid.json and fid.png")

@@ -75,11 +75,17 @@ class DataConfig(_Strict):
     root: str | None = None  # image-folder / cifar10 location
     image_size: int | None = Field(None, ge=1)  # images are resized to this; must match the teacher
     num_points: int = Field(100_000, ge=1)  # size of a generated 2-D toy set
+    # batches carry class labels (digits' digit, CIFAR-10's class, an image folder's subfolder, a toy's mode):
+    # what a class-conditional teacher needs, and what a teacher trained here is conditioned on
+    labels: bool = False
 
 
 class TeacherConfig(_Strict):
     path: str  # local diffusers folder or hub id such as google/ddpm-cifar10-32
     c_noise: Literal["edm", "cm"] = "edm"  # EDM noise-conditioning convention (cm: consistency-model ports)
+    # classifier-free guidance D_null + w (D_y - D_null) of a conditional teacher with a null class: 1 reads the
+    # conditional teacher as it is; SiD guides the teacher's score, DxMI's sampler starts from the guided teacher
+    guidance_scale: float = Field(1.0, ge=0)
 
     @field_validator("path")
     @classmethod
@@ -101,6 +107,9 @@ class TeacherNetConfig(_Strict):
     num_layers: int = Field(4, ge=1)  # ToyMLP depth
     num_train_timesteps: int = Field(1000, ge=2)  # DDPM schedule length (vp-eps)
     sigma_data: PositiveFloat = 0.5  # EDM data scale; 2-D toys are wider than images in [-1, 1]
+    # with data.labels: the share of labels replaced by a null class (an extra row of the class table), so the
+    # teacher also learns the unconditional score that classifier-free guidance needs (0: no null class)
+    label_dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class CriticConfig(_Strict):

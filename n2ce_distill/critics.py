@@ -4,7 +4,10 @@ Both critics are diffusers ``ModelMixin`` + ``ConfigMixin`` models, so ``save_pr
 ``from_pretrained`` round-trip them as ``config.json`` + ``diffusion_pytorch_model.safetensors``.
 ``forward(x, cond=None)`` returns logits of shape ``(B,)``. With ``conditioned=True`` the critic
 also reads ``cond``, a float tensor ``(B,)`` (a noise level sigma or a sampler step index), through
-:class:`ConditionEmbedding`, shared by both networks.
+:class:`ConditionEmbedding`, shared by both networks. With ``num_classes=K`` the critic is class-conditional
+in the projection style (Miyato and Koyama 2018): ``l(x, y) = w^T phi(x) + e_y^T phi(x)`` with a learned
+class embedding ``e_y`` and the features ``phi`` the unconditional read-out sees; ``forward(x, cond,
+class_labels)`` then needs labels ``(B,)``.
 """
 
 from __future__ import annotations
@@ -83,6 +86,30 @@ def _embed(embedding: ConditionEmbedding | None, cond: torch.Tensor | None, batc
     return embedding(cond, batch_size)
 
 
+def _class_table(num_classes: int | None, width: int) -> nn.Embedding | None:
+    """The projection's class embeddings, zero at first: a conditional critic starts as the unconditional one
+    (and DxMI's correction U at 0) and learns e_y from the features, whose gradient it is."""
+    if not num_classes:
+        return None
+    table = nn.Embedding(num_classes, width)
+    nn.init.zeros_(table.weight)
+    return table
+
+
+def _projection(table: nn.Embedding | None, class_labels: torch.Tensor | None, features: torch.Tensor,
+                name: str) -> torch.Tensor:
+    """``e_y^T phi`` per sample (0 for an unconditional critic), with the labels checked against the table."""
+    if table is None:
+        if class_labels is not None:
+            raise ValueError(f"{name} was built with num_classes=None but got class_labels")
+        return features.new_zeros(features.shape[0])
+    if class_labels is None or class_labels.shape != (features.shape[0],):
+        got = "none" if class_labels is None else f"shape {tuple(class_labels.shape)}"
+        raise ValueError(f"{name} is class-conditional ({table.num_embeddings} classes): class_labels must have "
+                         f"shape ({features.shape[0]},), got {got}")
+    return (table(class_labels).to(features.dtype) * features).sum(dim=1)
+
+
 class MLPCritic(ModelMixin, ConfigMixin):
     """MLP critic for flat data (toy 2-D sets, latents): ``(B, in_features)`` or ``(B, ...)`` -> ``(B,)``.
 
@@ -94,7 +121,7 @@ class MLPCritic(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_features: int, hidden_features: int = 256, num_layers: int = 3,
                  conditioned: bool = False, activation: str = "silu", cond_scale: str = "log",
-                 num_frequencies: int = 32):
+                 num_frequencies: int = 32, num_classes: int | None = None):
         super().__init__()
         if in_features < 1 or hidden_features < 1 or num_layers < 1:
             raise ValueError("in_features, hidden_features and num_layers must be positive")
@@ -106,8 +133,10 @@ class MLPCritic(ModelMixin, ConfigMixin):
                                if conditioned else None)
         self.cond_proj = (nn.ModuleList(nn.Linear(hidden_features, hidden_features) for _ in range(num_layers))
                           if conditioned else None)
+        self.class_projection = _class_table(num_classes, hidden_features)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         h = x.reshape(x.shape[0], -1)
         if h.shape[1] != self.config.in_features:
             raise ValueError(f"MLPCritic expects {self.config.in_features} features per sample, "
@@ -118,7 +147,7 @@ class MLPCritic(ModelMixin, ConfigMixin):
             if emb is not None:
                 h = h + self.cond_proj[i](emb)
             h = self.act(h)
-        return self.out(h).squeeze(-1)
+        return self.out(h).squeeze(-1) + _projection(self.class_projection, class_labels, h, "MLPCritic")
 
 
 class _ResBlock(nn.Module):
@@ -168,7 +197,7 @@ class ConvCritic(ModelMixin, ConfigMixin):
     def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (128, 256), num_res_blocks: int = 6,
                  conditioned: bool = False, downsample: bool = True, padding_mode: str = "zeros",
                  output_scale_init: float = 1e-2, cond_scale: str = "log", emb_features: int = 128,
-                 num_frequencies: int = 32):
+                 num_frequencies: int = 32, num_classes: int | None = None):
         super().__init__()
         channels = tuple(channels)
         if not channels or num_res_blocks < len(channels):
@@ -189,6 +218,7 @@ class ConvCritic(ModelMixin, ConfigMixin):
         self.output_scale = nn.Parameter(torch.tensor(float(output_scale_init)))
         self.cond_embedding = (ConditionEmbedding(emb_features, num_frequencies, cond_scale)
                                if conditioned else None)
+        self.class_projection = _class_table(num_classes, width)
 
     def features(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Feature map ``(B, C', H', W')`` that the read-out sums over space."""
@@ -203,19 +233,23 @@ class ConvCritic(ModelMixin, ConfigMixin):
             h = block(h, emb)
         return F.leaky_relu(h, 0.2)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         summed = self.features(x, cond).sum(dim=(2, 3))
-        return self.output_scale * self.out(summed).squeeze(-1)
+        projection = _projection(self.class_projection, class_labels, summed, "ConvCritic")
+        return self.output_scale * (self.out(summed).squeeze(-1) + projection)
 
 
-def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: bool = False) -> nn.Module:
-    """Convolutional ResNet critic for images, MLP critic for vectors; ``conditioned`` on a step index."""
+def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: bool = False,
+                 num_classes: int | None = None) -> nn.Module:
+    """Convolutional ResNet critic for images, MLP critic for vectors; ``conditioned`` on a step index, and
+    class-conditional (projection) when ``num_classes`` is given."""
     if len(sample_shape) == 3:
         return ConvCritic(
             in_channels=sample_shape[0], channels=tuple(cfg.channels), num_res_blocks=cfg.num_res_blocks,
-            conditioned=conditioned, cond_scale="linear",
+            conditioned=conditioned, cond_scale="linear", num_classes=num_classes,
         )
     return MLPCritic(
         in_features=int(torch.tensor(sample_shape).prod()), hidden_features=cfg.hidden_features,
-        num_layers=cfg.num_layers, conditioned=conditioned, cond_scale="linear",
+        num_layers=cfg.num_layers, conditioned=conditioned, cond_scale="linear", num_classes=num_classes,
     )

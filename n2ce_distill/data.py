@@ -3,7 +3,7 @@ r"""Datasets (SPEC section 9) and a resumable infinite batch loader.
 2-D toys (BNAF/DxMI conventions, ``torch.Generator`` sampling): :class:`EightGaussians` (exact ``log_prob``),
 :class:`TwoSpirals`, :class:`Checkerboard`. Images in [-1, 1], NCHW: scikit-learn digits (1797 x 1 x 8 x 8),
 :class:`ImageFolderDataset`, CIFAR-10 via torchvision. :func:`build_dataset` picks one by name; items are ``x`` or
-``(x, label)``. :class:`InfiniteLoader`: epoch ``e`` is a permutation seeded by ``(seed, e)``, so ``(epoch,
+``(x, label)``; labelled data sets carry ``num_classes``. :class:`InfiniteLoader`: epoch ``e`` is a permutation seeded by ``(seed, e)``, so ``(epoch,
 index)`` fixes the future and a resumed run sees exactly the uninterrupted sequence.
 """
 
@@ -27,20 +27,26 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS", "TOY_DISTRIBUTIONS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset",
-    "InfiniteLoader", "TwoSpirals", "build_dataset", "dataset_from_config", "cifar10", "digits", "infinite_loader",
+    "InfiniteLoader", "TwoSpirals", "balanced_labels", "build_dataset", "dataset_from_config", "cifar10", "digits",
+    "infinite_loader", "num_classes", "sample_shape",
 ]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 class ArrayDataset(Dataset):
-    """In-memory tensors ``x`` (N, ...) with optional labels ``y`` (N,). ``uint8`` images (N, C, H, W) are kept
-    as bytes (4x less memory for CIFAR-10) and mapped to [-1, 1] floats on access."""
+    """In-memory tensors ``x`` (N, ...) with optional labels ``y`` (N,) in ``[0, num_classes)``. ``uint8`` images
+    (N, C, H, W) are kept as bytes (4x less memory for CIFAR-10) and mapped to [-1, 1] floats on access."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None, num_classes: int | None = None):
         if y is not None and len(y) != len(x):
             raise ValueError(f"{len(x)} samples but {len(y)} labels")
+        if y is not None:
+            num_classes = num_classes or int(y.max()) + 1
+            if len(y) and (y.min() < 0 or y.max() >= num_classes):
+                raise ValueError(f"labels must lie in [0, {num_classes}), got {int(y.min())}..{int(y.max())}")
         self.x, self.y = x, y
+        self.num_classes = num_classes if y is not None else None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -58,7 +64,14 @@ class ArrayDataset(Dataset):
         return x if self.y is None else (x, self.y[idx])
 
 
-class EightGaussians:
+class _Toy:
+    """What every 2-D toy shares: ``sample`` is ``sample_labelled`` without the labels (the same draws)."""
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample_labelled(n, generator)[0]
+
+
+class EightGaussians(_Toy):
     r"""Equal mixture of 8 isotropic Gaussians at angles ``k pi/4`` on a circle (defaults: the BNAF/DxMI set,
     radius ``4/sqrt 2``, std ``0.5/sqrt 2``): ``log p(x) = logsumexp_k[-|x - mu_k|^2/(2 std^2)] - log(16 pi std^2)``.
     """
@@ -68,9 +81,11 @@ class EightGaussians:
         angles = torch.arange(8, dtype=torch.float64) * math.pi / 4
         self.centers = self.radius * torch.stack([angles.cos(), angles.sin()], dim=1)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    num_classes = 8  # a point's label is its mode
+
+    def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         k = torch.randint(0, 8, (n,), generator=generator)
-        return (self.centers[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float()
+        return (self.centers[k] + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)).float(), k
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-density of points (N, 2), computed in float64."""
@@ -79,39 +94,47 @@ class EightGaussians:
         return (torch.logsumexp(-sq / (2 * self.std**2), dim=1) - log_norm).to(x.dtype)
 
 
-class TwoSpirals:
+class TwoSpirals(_Toy):
     """Two interleaved spirals (BNAF/DxMI): radius-angle ``r = sqrt(u) * 3 pi``, uniform jitter, Gaussian noise."""
 
     def __init__(self, noise: float = 0.1, scale: float = 1.0):
         self.noise, self.scale = noise, scale
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    num_classes = 2  # a point's label is its arm
+
+    def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         half = n - n // 2
         r = torch.rand(half, 1, generator=generator, dtype=torch.float64).sqrt() * 3 * math.pi  # 540 degrees
         jitter = 0.5 * torch.rand(half, 2, generator=generator, dtype=torch.float64)
         arm = torch.cat([-r.cos() * r, r.sin() * r], dim=1) + jitter
         x = torch.cat([arm, -arm])[:n] / 3
         x = x + self.noise * torch.randn(x.shape, generator=generator, dtype=torch.float64)
-        return (self.scale * x).float()
+        arm_label = torch.cat([torch.zeros(half, dtype=torch.long), torch.ones(half, dtype=torch.long)])[:n]
+        return (self.scale * x).float(), arm_label
 
 
-class Checkerboard:
+class Checkerboard(_Toy):
     """Uniform on the black squares of a 4x4 checkerboard over ``[-4, 4]^2`` (BNAF/DxMI)."""
 
     def __init__(self, scale: float = 1.0):
         self.scale = scale
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    num_classes = 8  # a point's label is its square, numbered by column then row
+
+    def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         x1 = torch.rand(n, generator=generator, dtype=torch.float64) * 4 - 2
         row = torch.rand(n, generator=generator, dtype=torch.float64)
         row = row - 2 * torch.randint(0, 2, (n,), generator=generator)  # square 0 or -2 ...
         x2 = row + torch.floor(x1) % 2  # ... shifted up by one in odd columns
-        return (2 * self.scale * torch.stack([x1, x2], dim=1)).float()
+        square = 2 * (torch.floor(x1).long() + 2) + (torch.floor(x2).long() + 2) // 2
+        return (2 * self.scale * torch.stack([x1, x2], dim=1)).float(), square
 
 
-def _toy(cls: Callable, n: int = 10_000, seed: int = 0, **kw) -> ArrayDataset:
-    """A fixed finite sample (the "training set") of a toy distribution."""
-    return ArrayDataset(cls(**kw).sample(n, torch.Generator().manual_seed(seed)))
+def _toy(cls: Callable, n: int = 10_000, seed: int = 0, labels: bool = False, **kw) -> ArrayDataset:
+    """A fixed finite sample (the "training set") of a toy distribution, with its mode labels if ``labels``."""
+    distribution = cls(**kw)
+    x, y = distribution.sample_labelled(n, torch.Generator().manual_seed(seed))
+    return ArrayDataset(x, y, distribution.num_classes) if labels else ArrayDataset(x)
 
 
 def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0, labels: bool = False) -> ArrayDataset:
@@ -130,7 +153,7 @@ def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0, labels
         n_test = int(round(test_fraction * len(x)))
         idx = perm[n_test:] if split == "train" else perm[:n_test]
         x, y = x[idx], y[idx]
-    return ArrayDataset(x, y if labels else None)
+    return ArrayDataset(x, y, 10) if labels else ArrayDataset(x)
 
 
 class ImageFolderDataset(Dataset):
@@ -146,13 +169,14 @@ class ImageFolderDataset(Dataset):
         if not self.files:
             raise InputError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) found under {self.root}")
         self.image_size, self.mode = image_size, {1: "L", 3: "RGB"}[channels]
-        self.classes, self.targets = [], None
+        self.classes, self.targets, self.num_classes = [], None, None
         if labels:
             parts = [p.relative_to(self.root).parts for p in self.files]
             self.classes = sorted({q[0] for q in parts})
             if any(len(q) == 1 for q in parts):
                 raise InputError(f"labels=True needs every image inside a class subfolder of {self.root}")
             self.targets = [self.classes.index(q[0]) for q in parts]
+            self.num_classes = len(self.classes)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -181,7 +205,7 @@ def cifar10(root: str | os.PathLike, train: bool = True, download: bool = True, 
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise InputError(f"CIFAR-10 not found under {root} ({err}); pass download=True to fetch it") from err
     x = torch.as_tensor(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-    return ArrayDataset(x, torch.as_tensor(ds.targets, dtype=torch.long) if labels else None)
+    return ArrayDataset(x, torch.as_tensor(ds.targets, dtype=torch.long), 10) if labels else ArrayDataset(x)
 
 
 # the 2-D toys by name; their datasets and the 2-D metrics of `n2ce-distill fid --ref NAME` both read this
@@ -199,21 +223,37 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 def build_dataset(name: str, **kwargs) -> Dataset:
     """Dataset by registry name (``DATASETS``); ``kwargs`` go to its builder (toys: ``n``, ``seed`` and the
-    distribution's parameters; digits: ``split``, ``labels``; image-folder: ``root``, ``image_size``; cifar10:
-    ``root``, ``train``, ``download``, ``labels``)."""
+    distribution's parameters; digits: ``split``; image-folder: ``root``, ``image_size``; cifar10: ``root``,
+    ``train``, ``download``; every one: ``labels``)."""
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     return DATASETS[name](**kwargs)
 
 
 def dataset_from_config(cfg: DataConfig, seed: int):
-    """The recipe's data set (images in [-1, 1] or 2-D points), without labels."""
+    """The recipe's data set (images in [-1, 1] or 2-D points), with class labels when ``data.labels``."""
     kwargs = {
         "image-folder": {"root": cfg.root, "image_size": cfg.image_size or 32},
         "cifar10": {"root": cfg.root or "data/cifar10"},
         "digits": {},
     }.get(cfg.name, {"n": cfg.num_points, "seed": seed})
-    return build_dataset(cfg.name, **kwargs)
+    return build_dataset(cfg.name, labels=cfg.labels, **kwargs)
+
+
+def num_classes(dataset: Dataset) -> int | None:
+    """The number of classes of a labelled data set; ``None`` when its items carry no labels."""
+    return getattr(dataset, "num_classes", None)
+
+
+def sample_shape(dataset: Dataset) -> tuple[int, ...]:
+    """The shape of one sample (its label, if any, left out)."""
+    item = dataset[0]
+    return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
+
+
+def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Labels ``0, 1, ..., K-1, 0, 1, ...`` for ``n`` samples: every class equally often (up to one)."""
+    return torch.arange(n, device=device) % num_classes
 
 
 class InfiniteLoader:

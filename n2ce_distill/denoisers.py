@@ -55,12 +55,15 @@ class Denoiser(nn.Module, abc.ABC):
     """Abstract ``D(x; sigma, class_labels) -> x0_hat`` in VE sigma space.
 
     Attributes: ``net`` (the wrapped network; every weight trainable, SiDA hooks its middle block),
-    ``sigma_data``, and ``sigma_min`` / ``sigma_max``, the noise range samplers stop at and start from."""
+    ``sigma_data``, ``sigma_min`` / ``sigma_max`` (the noise range samplers stop at and start from) and
+    ``null_class``: the label index a teacher trained with label dropout reads as "no label" (the last row of
+    its class table), which classifier-free guidance (:meth:`guided`) needs; ``None`` when it has none."""
 
     net: nn.Module
     sigma_data: float
     sigma_min: float
     sigma_max: float
+    null_class: int | None = None
     pipeline_name: str  # model_index.json's _class_name
 
     @abc.abstractmethod
@@ -92,6 +95,32 @@ class Denoiser(nn.Module, abc.ABC):
         if (size := cfg.get("sample_size")) is None:
             raise ValueError(f"{type(self.net).__name__} config has no sample_size; cannot infer sample_shape")
         return (cfg.in_channels, *((size, size) if isinstance(size, int) else size))
+
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes the net is conditioned on (its null class not counted); ``None``: unconditional.
+        Only class tables (``num_class_embeds`` with diffusers' default ``class_embed_type``) take class indices."""
+        cfg = self.net.config
+        table = cfg.get("num_class_embeds")
+        if table is None or cfg.get("class_embed_type") is not None:
+            return None
+        return table - (self.null_class is not None)
+
+    def guided(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None, guidance_scale: float = 1.0):
+        r"""Classifier-free guidance ``D_0 + w (D_y - D_0)`` with ``D_0 = D(x; sigma, null)`` (one batched call
+        over both); ``w = 1`` is the conditional denoiser itself, ``w = 0`` the unconditional one."""
+        if guidance_scale == 1 or class_labels is None:
+            return self(x, sigma, class_labels)
+        if self.null_class is None:
+            raise InputError("guidance_scale: this teacher has no null class (it was trained without label "
+                             "dropout), so classifier-free guidance is undefined; use guidance_scale=1")
+        null = torch.full_like(class_labels, self.null_class)
+        sigma = _sigma_vector(sigma, x)
+        conditional, unconditional = self(torch.cat([x, x]), sigma.repeat(2), torch.cat([class_labels, null])).chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    def _label_settings(self) -> dict:
+        return {} if self.null_class is None else {"null_class": self.null_class}  # unconditional folders unchanged
 
     device = property(lambda self: next(self.net.parameters()).device)
 
@@ -136,8 +165,9 @@ class EDMDenoiser(Denoiser):
     pipeline_name = "EDMDenoiser"  # no diffusers pipeline runs a bare EDM net
 
     def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 c_noise: str = "edm", p_mean: float = -1.2, p_std: float = 1.2):
+                 c_noise: str = "edm", p_mean: float = -1.2, p_std: float = 1.2, null_class: int | None = None):
         super().__init__()
+        self.null_class = null_class
         if c_noise not in C_NOISE:
             raise InputError(f"unknown c_noise convention {c_noise!r}; choose from {sorted(C_NOISE)}")
         self.net, self.c_noise, self.p_mean, self.p_std = net, c_noise, float(p_mean), float(p_std)
@@ -162,7 +192,8 @@ class EDMDenoiser(Denoiser):
 
     def _export(self):
         scheduler = EDMEulerScheduler(sigma_min=self.sigma_min, sigma_max=self.sigma_max, sigma_data=self.sigma_data)
-        return scheduler, {"kind": "edm", "c_noise": self.c_noise, "p_mean": self.p_mean, "p_std": self.p_std}
+        return scheduler, {"kind": "edm", "c_noise": self.c_noise, "p_mean": self.p_mean, "p_std": self.p_std,
+                           **self._label_settings()}
 
 
 class VPEpsilonDenoiser(Denoiser):
@@ -174,8 +205,9 @@ class VPEpsilonDenoiser(Denoiser):
 
     pipeline_name = "DDPMPipeline"  # our VP folders load in diffusers as they are
 
-    def __init__(self, unet: nn.Module, scheduler, sigma_data: float = 0.5):
+    def __init__(self, unet: nn.Module, scheduler, sigma_data: float = 0.5, null_class: int | None = None):
         super().__init__()
+        self.null_class = null_class
         if (prediction := scheduler.config.get("prediction_type", "epsilon")) != "epsilon":
             raise InputError(f"VPEpsilonDenoiser needs epsilon prediction, got prediction_type={prediction!r}")
         self.net, self.scheduler, self.sigma_data = unet, scheduler, float(sigma_data)
@@ -211,7 +243,7 @@ class VPEpsilonDenoiser(Denoiser):
         return 1 / sigma.square()
 
     def _export(self):
-        return self.scheduler, {"kind": "vp", "sigma_data": self.sigma_data}
+        return self.scheduler, {"kind": "vp", "sigma_data": self.sigma_data, **self._label_settings()}
 
 
 def denoiser_from_components(net: nn.Module, scheduler, c_noise: str | None = None, settings: dict | None = None):
@@ -220,16 +252,19 @@ def denoiser_from_components(net: nn.Module, scheduler, c_noise: str | None = No
     ``EDMEulerScheduler`` / ``CMStochasticIterativeScheduler`` -> :class:`EDMDenoiser` (sigma_data/min/max from its
     config; c_noise ``"edm"`` / ``"cm"`` unless ``c_noise`` or ``settings`` say otherwise); any scheduler with
     ``alphas_cumprod`` (DDPM, DDIM, ...) -> :class:`VPEpsilonDenoiser`. ``settings``: model_index.json's
-    ``_n2ce_denoiser``. Consistency-*distilled* nets (boundary-condition scalings) are not EDM denoisers."""
+    ``_n2ce_denoiser`` (with the teacher's ``null_class``, if it has one). Consistency-*distilled* nets
+    (boundary-condition scalings) are not EDM denoisers."""
     name, settings = type(scheduler).__name__, settings or {}
     if name in _EDM_SCHEDULERS:
         cfg = scheduler.config
         return EDMDenoiser(net, sigma_data=cfg.sigma_data, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max,
                            c_noise=c_noise or settings.get("c_noise", _EDM_SCHEDULERS[name]),
-                           p_mean=settings.get("p_mean", -1.2), p_std=settings.get("p_std", 1.2))
+                           p_mean=settings.get("p_mean", -1.2), p_std=settings.get("p_std", 1.2),
+                           null_class=settings.get("null_class"))
     if not hasattr(scheduler, "alphas_cumprod"):
         raise InputError(f"scheduler {name} is neither EDM-type nor a discrete VP schedule")
-    return VPEpsilonDenoiser(net, scheduler, sigma_data=settings.get("sigma_data", 0.5))
+    return VPEpsilonDenoiser(net, scheduler, sigma_data=settings.get("sigma_data", 0.5),
+                             null_class=settings.get("null_class"))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -9,6 +9,10 @@ Inputs understood by :func:`evaluate_inputs` (and ``n2ce-distill fid``):
   ``PATH@STEPS:euler`` (deterministic, i.e. DDIM);
 - a folder of images (all of them unless a number of samples is given).
 
+A class-conditional input draws every class equally often; against a labelled named reference (``digits``,
+``cifar10-train``) its row adds the mean per-class FID (``fid_class_mean``; each class's in ``fid.json``) and, on
+digits, the label fidelity (:func:`~n2ce_distill.fid.evaluate_classes`).
+
 With a 2-D toy as the reference (``--ref 8gaussians``, ``spirals``, ``checkerboard``) each input is scored by
 :func:`~n2ce_distill.toy_metrics.toy_report` (SW2; for 8 Gaussians also the exact NLL and mode coverage)
 instead of FID, and a saved sample is a ``.npy`` file or a folder holding ``samples.npy``.
@@ -45,9 +49,10 @@ def _is_run(path: Path) -> bool:
     return path.is_dir() and ((path / "pipeline").is_dir() or bool(list_checkpoints(path)))
 
 
-def resolve_source(spec: str, device: str = "cpu") -> tuple[str, Generate]:
+def resolve_source(spec: str, device: str = "cpu", **labels) -> tuple[str, Generate]:
     """One sampler: ``PATH@STEPS[:ancestral|euler]`` (a teacher), a pipeline folder, or a run folder (its
-    final ``pipeline/``); returns ``(label, generate)``."""
+    final ``pipeline/``); returns ``(label, source)``. ``labels``: ``class_labels`` and ``guidance_scale`` of
+    :func:`~n2ce_distill.pipelines.load_sample_source`."""
     path_part, at, steps_part = spec.rpartition("@") if "@" in spec else (spec, "", "")
     path = Path(path_part)
     if not path.exists():
@@ -57,28 +62,33 @@ def resolve_source(spec: str, device: str = "cpu") -> tuple[str, Generate]:
         if not steps.isdigit() or int(steps) < 1 or method not in ("", "ancestral", "euler"):
             raise InputError(f"input {spec!r}: expected PATH@STEPS[:ancestral|euler] with STEPS >= 1")
         method = method or "ancestral"
-        return f"{path.name} {method} {steps} steps", load_sample_source(path, steps=int(steps), method=method, device=device)
+        source = load_sample_source(path, steps=int(steps), method=method, device=device, **labels)
+        return f"{path.name} {method} {steps} steps", source
     if _is_run(path) and not (path / "model_index.json").is_file():
-        return f"{path.name} final pipeline/", load_sample_source(path / "pipeline", device=device)
-    return path.name, load_sample_source(path, device=device)
+        return f"{path.name} final pipeline/", load_sample_source(path / "pipeline", device=device, **labels)
+    return path.name, load_sample_source(path, device=device, **labels)
 
 
-def resolve_inputs(specs: list[str], device: str = "cpu") -> list[EvalInput]:
-    """Expand each input spec into the sample sources it stands for."""
+def resolve_inputs(specs: list[str], device: str = "cpu", guidance_scale: float | None = None) -> list[EvalInput]:
+    """Expand each input spec into the sample sources it stands for (``guidance_scale``: of every conditional
+    sampler, see :func:`~n2ce_distill.pipelines.load_sample_source`)."""
+    guided = {"guidance_scale": guidance_scale}
     resolved: list[EvalInput] = []
     for spec in specs:
         path = Path(spec.rpartition("@")[0] if "@" in spec else spec)
         if not path.exists():
             raise FileNotFoundError(f"fid input {spec!r}: {path} does not exist")
         if "@" in spec or (path / "model_index.json").is_file():
-            label, source = resolve_source(spec, device)
+            label, source = resolve_source(spec, device, **guided)
             resolved.append(EvalInput(label, None, source))
         elif _is_run(path):
             for step, checkpoint in list_checkpoints(path):
-                resolved.append(EvalInput(path.name, step, load_sample_source(checkpoint / "pipeline", device=device)))
+                source = load_sample_source(checkpoint / "pipeline", device=device, **guided)
+                resolved.append(EvalInput(path.name, step, source))
             for export, label in (("best", "best/"), ("pipeline", "final pipeline/")):
                 if (path / export / "model_index.json").is_file():
-                    resolved.append(EvalInput(f"{path.name} {label}", None, load_sample_source(path / export, device=device)))
+                    source = load_sample_source(path / export, device=device, **guided)
+                    resolved.append(EvalInput(f"{path.name} {label}", None, source))
         else:
             resolved.append(EvalInput(path.name, None, path))  # a folder of images
     return resolved
@@ -124,6 +134,7 @@ def evaluate_inputs(
     inception_weights: str | None = None,
     kid: bool = False,
     prc: bool = False,
+    guidance_scale: float | None = None,
 ) -> str:
     """Evaluate every input against ``ref``; write ``fid.csv``, ``fid.json`` and ``fid.png`` into ``out``.
 
@@ -131,7 +142,7 @@ def evaluate_inputs(
     folder; ``extractor`` None takes :func:`default_extractor` of ``ref``.
     """
     from .data import TOY_DISTRIBUTIONS
-    from .fid import evaluate_samples
+    from .fid import NAMED_REFERENCES, evaluate_classes, evaluate_samples
     from .fid_inputs import check_reference
     from .reporting import metric_table, plot_metric_curve, write_rows
 
@@ -141,19 +152,20 @@ def evaluate_inputs(
     if not toy:
         check_reference(ref)
     rows = []
-    for item in resolve_inputs(specs):
+    for item in resolve_inputs(specs, guidance_scale=guidance_scale):
         shape = getattr(item.source, "sample_shape", None)  # generative inputs state it; folders do not
         if not toy and shape is not None and len(shape) != 3:
             raise InputError(f"input {item.label!r}: draws points of shape {tuple(shape)}, not images; "
                              f"score them against a 2-D toy (--ref {' | '.join(TOY_DISTRIBUTIONS)})")
         count = num_samples if num_samples is not None or isinstance(item.source, Path) else DEFAULT_SAMPLES
+        options = dict(num_samples=count, batch_size=batch_size, seed=seed, extractor=extractor or default_extractor(ref),
+                       inception_weights=inception_weights, kid=kid, prc=prc)
         if toy:
             metrics = _toy_metrics(item, ref, count, batch_size, seed)
+        elif getattr(item.source, "num_classes", None) is not None and ref in NAMED_REFERENCES:
+            metrics = evaluate_classes(item.source, ref, **options)  # class-balanced, with per-class FID
         else:
-            metrics = evaluate_samples(
-                item.source, ref, num_samples=count, batch_size=batch_size, seed=seed,
-                extractor=extractor or default_extractor(ref), inception_weights=inception_weights, kid=kid, prc=prc,
-            )
+            metrics = evaluate_samples(item.source, ref, **options)
         rows.append({"label": item.label, "step": item.step, **metrics})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ One step is ``x_{k+1} = mu(x_k, k) + s_k z`` with the ancestral mean
 schedule, so the mean is the DDPM posterior mean for a VP teacher) and a learned scale
 ``s_k = exp(log_s_k)`` initialised to the ancestral ``sigma_up_k``. ``x_0 = sigma_0 z``. With
 ``sigmas = [sigma_init, 0]`` and ``s = 0`` this is SiD's one-step generator ``D(sigma_init z; sigma_init)``.
+A class-conditional denoiser takes ``class_labels`` (B,) at every step; with ``guidance_scale != 1`` each mean
+reads the classifier-free-guided denoiser (two net evaluations per step).
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ __all__ = ["FewStepSampler"]
 
 class FewStepSampler(nn.Module):
     """``sigmas``: T+1 decreasing noise levels ending at 0. ``last_scale`` fixes ``s_{T-1}`` (None: learnt);
-    ``eta`` splits each step's noise between the mean and ``s_k`` as in DDIM (1: ancestral, 0: deterministic)."""
+    ``eta`` splits each step's noise between the mean and ``s_k`` as in DDIM (1: ancestral, 0: deterministic);
+    ``guidance_scale``: classifier-free guidance of the denoiser in every mean (1: none)."""
 
     def __init__(
-        self, denoiser: Denoiser, sigmas: torch.Tensor, last_scale: float | None = 1e-3, min_scale: float = 1e-3, eta: float = 1.0
+        self, denoiser: Denoiser, sigmas: torch.Tensor, last_scale: float | None = 1e-3, min_scale: float = 1e-3,
+        eta: float = 1.0, guidance_scale: float = 1.0,
     ):
         super().__init__()
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if sigmas.dim() != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
             raise ValueError(f"sigmas: expected T+1 strictly decreasing values ending at 0, got {sigmas.tolist()}")
-        self.denoiser, self.eta = denoiser, float(eta)
+        self.denoiser, self.eta, self.guidance_scale = denoiser, float(eta), float(guidance_scale)
         sigma_down, sigma_up = ancestral_step_scales(sigmas, eta)  # eta = 1: DDPM posterior, 0: DDIM mean
         self.register_buffer("sigmas", sigmas)
         self.register_buffer("sigma_down", sigma_down.float())
@@ -54,20 +58,25 @@ class FewStepSampler(nn.Module):
         """``s_k``; fixed entries carry no gradient."""
         return torch.where(self.fixed_scale, self.fixed_values, self.log_scales.exp())
 
-    def mean(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int | None:
+        return self.denoiser.num_classes
+
+    def mean(self, x: torch.Tensor, k: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Ancestral mean for a batch whose rows may sit at different steps ``k`` (LongTensor (B,))."""
         sigma = self.sigmas[k]
-        x0 = self.denoiser(x, sigma)
+        x0 = self.denoiser.guided(x, sigma, class_labels, self.guidance_scale)
         ratio = (self.sigma_down[k] / sigma).view(-1, *([1] * (x.dim() - 1)))
         return x0 + ratio * (x - x0)
 
-    def forward(self, x: torch.Tensor, k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, k: torch.Tensor, noise: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """One step ``x_{k+1} = mu(x_k, k) + s_k z``, differentiable in the denoiser and in ``s_k``.
 
         Training calls this through the module (so distributed wrappers see it); sampling uses :meth:`sample`.
         """
         scale = self.scales()[k].view(-1, *([1] * (x.dim() - 1)))
-        return self.mean(x, k) + scale * noise
+        return self.mean(x, k, class_labels) + scale * noise
 
     def sample(
         self,
@@ -75,9 +84,10 @@ class FewStepSampler(nn.Module):
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
         noise: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+        class_labels: torch.Tensor | None = None,
     ):
-        """Sample ``batch_size`` points. ``noise(shape)`` replaces the standard-normal draws (default: from
-        ``generator``)."""
+        """Sample ``batch_size`` points (of classes ``class_labels`` (B,), for a conditional denoiser).
+        ``noise(shape)`` replaces the standard-normal draws (default: from ``generator``)."""
         device = self.sigmas.device
         shape = (batch_size, *self.denoiser.sample_shape)
         noise = noise or (lambda s: torch.randn(s, generator=generator, device=device))
@@ -85,6 +95,6 @@ class FewStepSampler(nn.Module):
         trajectory = [x]
         for k in range(self.num_steps):
             ks = torch.full((batch_size,), k, device=device, dtype=torch.long)
-            x = self(x, ks, noise(shape))
+            x = self(x, ks, noise(shape), class_labels)
             trajectory.append(x)
         return torch.stack(trajectory) if return_trajectory else x

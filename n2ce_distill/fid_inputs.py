@@ -9,6 +9,7 @@ references are loaded lazily, so a reference whose statistics are cached is neve
 import hashlib
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,7 @@ from .feature_extractors import digits_uint8
 
 __all__ = [
     "NAMED_REFERENCES",
+    "ClassReference",
     "Generate",
     "LazyReference",
     "StreamingSource",
@@ -33,6 +35,7 @@ __all__ = [
     "file_hash",
     "image_files",
     "image_shape",
+    "load_named_labels",
     "load_named_reference",
     "preserved_rng",
     "reference_input",
@@ -46,30 +49,52 @@ NAMED_REFERENCES = {"digits": ((1, 8, 8), 1797), "cifar10-train": ((3, 32, 32), 
 IMAGE_EXTENSIONS = "png,jpg,jpeg"
 
 
-def load_named_reference(name: str) -> torch.Tensor:
-    """uint8 (N, C, H, W) images of a named reference (CIFAR-10 train is downloaded by torchvision)."""
-    if name == "digits":
-        return digits_uint8()
+def _cifar10_train(name: str):
     from torchvision.datasets import CIFAR10
 
     root = Path(torch.hub.get_dir()).parent / "fidelity_datasets"  # torch-fidelity's own default root
     try:
-        data = CIFAR10(str(root), train=True, download=True).data
+        return CIFAR10(str(root), train=True, download=True)
     except OSError as error:  # offline: urllib's errors are OSErrors
         raise InputError(f"reference {name!r}: not under {root} and the download failed ({error}); put torchvision's "
                          "CIFAR-10 archive there, or pass an image folder or a .npz statistics file") from None
-    return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+
+
+def load_named_reference(name: str) -> torch.Tensor:
+    """uint8 (N, C, H, W) images of a named reference (CIFAR-10 train is downloaded by torchvision)."""
+    if name == "digits":
+        return digits_uint8()
+    return torch.from_numpy(_cifar10_train(name).data).permute(0, 3, 1, 2).contiguous()
+
+
+def load_named_labels(name: str) -> torch.Tensor:
+    """The class label (N,) of each image of a named reference, in :func:`load_named_reference`'s order."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        return torch.as_tensor(load_digits().target, dtype=torch.long)
+    return torch.as_tensor(_cifar10_train(name).targets, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class ClassReference:
+    """The images of one class of a named reference: the reference of a per-class FID."""
+
+    name: str
+    label: int
 
 
 class LazyReference(Dataset):
-    """A named reference that loads on first access; ``rgb`` repeats grey images to 3 channels."""
+    """A named reference (or one class of it) that loads on first access; ``rgb`` repeats grey images to 3
+    channels."""
 
-    def __init__(self, name: str, rgb: bool):
-        self.name, self.rgb, self.images = name, rgb, None
+    def __init__(self, name: str, rgb: bool, label: int | None = None):
+        self.name, self.rgb, self.label, self.images = name, rgb, label, None
 
     def _data(self) -> torch.Tensor:
         if self.images is None:
-            self.images = load_named_reference(self.name)
+            images = load_named_reference(self.name)
+            self.images = images if self.label is None else images[load_named_labels(self.name) == self.label]
         return self.images
 
     def __len__(self):
@@ -160,6 +185,8 @@ def image_shape(data, seed: int, device: torch.device) -> tuple[int, ...]:
         if hasattr(data, "sample_shape"):
             return tuple(data.sample_shape)
         return tuple(data(1, torch.Generator(device).manual_seed(seed)).shape[1:])
+    if isinstance(data, ClassReference):
+        data = data.name
     if isinstance(data, str) and data in NAMED_REFERENCES:
         return NAMED_REFERENCES[data][0]
     img = np.asarray(Image.open(image_files(data)[0]).convert("RGB"))
@@ -168,6 +195,8 @@ def image_shape(data, seed: int, device: torch.device) -> tuple[int, ...]:
 
 def check_reference(ref) -> None:
     """Refuse a reference that is no named dataset and looks like one (a bare word that is not a path)."""
+    if isinstance(ref, ClassReference):
+        return
     path = Path(ref)
     if isinstance(ref, str) and ref not in NAMED_REFERENCES and not path.exists() and not path.suffix \
             and len(path.parts) == 1:
@@ -185,6 +214,9 @@ def reference_input(ref, rgb: bool, tag: str):
     """
     if isinstance(ref, str) and ref in NAMED_REFERENCES:
         return LazyReference(ref, rgb), f"{ref}-{tag}", NAMED_REFERENCES[ref][1], None
+    if isinstance(ref, ClassReference):
+        reference = LazyReference(ref.name, rgb, ref.label)
+        return reference, f"{ref.name}-class{ref.label}-{tag}", len(reference), None
     check_reference(ref)
     path = Path(ref)
     if check_path(ref, "reference").suffix == ".npz":

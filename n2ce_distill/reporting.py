@@ -61,7 +61,7 @@ def save_figure(fig: Figure, out: Path, name: str) -> Path:
     return path
 
 
-METRIC_COLUMNS = ("fid", "kid", "precision", "recall",  # images
+METRIC_COLUMNS = ("fid", "fid_class_mean", "label_fidelity", "kid", "precision", "recall",  # images
                   "sw2", "nll", "modes_covered", "mode_balance", "off_mode_fraction")  # 2-D toys
 
 

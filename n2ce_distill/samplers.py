@@ -117,8 +117,8 @@ def ancestral_step_scales(sigmas: torch.Tensor, eta: float = 1.0) -> tuple[torch
     return down.float(), up.float()
 
 
-def _denoise(denoiser, x, sigma, class_labels, clip_denoised):
-    d = denoiser(x, sigma, class_labels)
+def _denoise(denoiser, x, sigma, class_labels, clip_denoised, guidance_scale):
+    d = denoiser(x, sigma, class_labels) if guidance_scale == 1 else denoiser.guided(x, sigma, class_labels, guidance_scale)
     return d.clamp(-1, 1) if clip_denoised else d  # DDPM-style x0 clipping for data in [-1, 1]
 
 
@@ -128,13 +128,14 @@ def euler_sample(
     noise: torch.Tensor,
     class_labels: torch.Tensor | None = None,
     clip_denoised: bool = False,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Deterministic Euler / DDIM from ``x = sigmas[0] * noise``; returns the final sample (grad mode is the
-    caller's)."""
+    caller's). ``guidance_scale != 1``: classifier-free guidance (:meth:`Denoiser.guided`) at every step."""
     s = sigmas.tolist()
     x = s[0] * noise
     for cur, nxt in zip(s[:-1], s[1:]):
-        d = _denoise(denoiser, x, cur, class_labels, clip_denoised)
+        d = _denoise(denoiser, x, cur, class_labels, clip_denoised, guidance_scale)
         x = d + (nxt / cur) * (x - d)
     return x
 
@@ -147,13 +148,14 @@ def ancestral_sample(
     eta: float = 1.0,
     class_labels: torch.Tensor | None = None,
     clip_denoised: bool = False,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Ancestral sampling from ``x = sigmas[0] * noise``; step noise is drawn from ``generator`` on its device."""
     s = sigmas.tolist()
     down, up = (v.tolist() for v in ancestral_step_scales(sigmas, eta))
     x = s[0] * noise
     for cur, s_down, s_up in zip(s[:-1], down, up):
-        d = _denoise(denoiser, x, cur, class_labels, clip_denoised)
+        d = _denoise(denoiser, x, cur, class_labels, clip_denoised, guidance_scale)
         x = d + (s_down / cur) * (x - d)
         if s_up > 0:
             dev = generator.device if generator is not None else x.device
@@ -173,8 +175,9 @@ def teacher_sample(
     generator: torch.Generator | None = None,
     class_labels: torch.Tensor | None = None,
     clip_denoised: bool = False,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Baseline samples from a teacher (no grad). ``spacing=None`` means evenly spaced discrete timesteps for
+    """Baseline samples from a teacher (no grad), conditioned on ``class_labels`` (B,) when given. ``spacing=None`` means evenly spaced discrete timesteps for
     a VP teacher (``steps = T`` with ``method="ancestral"`` is DDPM; ``"euler"`` is DDIM) and Karras otherwise.
     Give ``noise`` (B, *sample_shape) or ``num_samples`` (drawn from ``generator``)."""
     if method not in ("ancestral", "euler"):
@@ -188,6 +191,8 @@ def teacher_sample(
     if spacing is None:
         spacing = "uniform" if hasattr(denoiser, "discrete_sigmas") else "karras"
     sigmas = few_step_sigmas(denoiser, steps, spacing)
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels, device=denoiser.device)
     if method == "euler":
-        return euler_sample(denoiser, sigmas, noise, class_labels, clip_denoised)
-    return ancestral_sample(denoiser, sigmas, noise, generator, 1.0, class_labels, clip_denoised)
+        return euler_sample(denoiser, sigmas, noise, class_labels, clip_denoised, guidance_scale)
+    return ancestral_sample(denoiser, sigmas, noise, generator, 1.0, class_labels, clip_denoised, guidance_scale)

@@ -204,9 +204,11 @@ class Trainer:
         without the logging, sampling, evaluation and checkpoint hooks that :meth:`train` runs after it."""
         acc, per_process = self.accelerator, self.recipe.train.batch_size // self.accelerator.num_processes
         batch = next(self.loader)
-        batch = batch[acc.process_index * per_process:(acc.process_index + 1) * per_process].to(acc.device)
+        batch, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)  # labelled data: (x, y)
+        rows = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
+        labels = None if labels is None else labels[rows].to(acc.device)
         with acc.accumulate(*self.method.nets.train.values()), acc.autocast():
-            output = self.method.training_step(batch, self.step, self._update)
+            output = self.method.training_step(batch[rows].to(acc.device), self.step, self._update, labels=labels)
         self.ema.update()
         self.step += 1
         return output
@@ -356,11 +358,15 @@ class Trainer:
 
 def _compile_models(module: torch.nn.Module) -> None:
     """``torch.compile`` the outermost diffusers models inside ``module`` in place (their ``state_dict`` keys, and
-    so checkpoints, stay those of the eager modules); the thin preconditioning wrappers around them stay eager."""
+    so checkpoints, stay those of the eager modules); the thin preconditioning wrappers around them stay eager.
+    A model whose layers carry forward hooks stays eager too: compiled, the hook that SiDA's critic reads its
+    encoder through did not see every call (the generator step read the fake-score step's features: measured,
+    a shape mismatch at the first adversarial step on digits)."""
     from diffusers import ModelMixin
 
     if isinstance(module, ModelMixin):
-        module.compile()
+        if not any(layer._forward_pre_hooks or layer._forward_hooks for layer in module.modules()):
+            module.compile()
         return
     for child in module.children():
         _compile_models(child)

@@ -25,6 +25,25 @@ def vp_teacher(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vp_cond_teacher(tmp_path_factory) -> Path:
+    """An untrained class-conditional 8x8 DDPM teacher: 10 classes (the digits') and a null class, index 10."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vp_cond_teacher")
+    net = tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=11)
+    VPEpsilonDenoiser(net, DDPMScheduler(num_train_timesteps=1000), null_class=10).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_cond_teacher(tmp_path_factory) -> Path:
+    """An untrained class-conditional 2-D EDM teacher: the 8 Gaussians' 8 modes and a null class, index 8."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("toy_cond_teacher")
+    EDMDenoiser(ToyMLP(dim=2, width=32, depth=2, num_class_embeds=9), null_class=8).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def edm_unet_teacher(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("edm_unet_teacher")

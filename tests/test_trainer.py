@@ -168,8 +168,8 @@ def test_critic_regime_is_logged_and_said_once(dxmi_recipe, tmp_path, monkeypatc
     trainer = Trainer(recipe, tmp_path)
     original = trainer.method.training_step
 
-    def rescaled(*args):
-        output = original(*args)
+    def rescaled(*args, **kwargs):
+        output = original(*args, **kwargs)
         ld, ln = output.critic_logits
         output.critic_logits = (scale * ld, scale * ln) if scale else (ld.abs() + 20, -ln.abs() - 20)
         return output
@@ -243,8 +243,8 @@ def test_a_checkpoint_is_never_written_from_unsound_weights(dxmi_recipe, tmp_pat
     trainer = Trainer(recipe, tmp_path)
     original = trainer.method.training_step
 
-    def poisoning(batch, step, update):
-        output = original(batch, step, update)
+    def poisoning(batch, step, update, labels=None):
+        output = original(batch, step, update, labels=labels)
         if step == 1:  # after the step's updates, before its checkpoint
             with torch.no_grad():
                 poison(trainer.method).fill_(float("nan") if "weights" in culprit else 1e30)
@@ -311,6 +311,22 @@ def test_fast_paths_compute_the_eager_losses(recipe_file, vp_teacher, toy_teache
     for a, b in zip(eager, fast):
         for name in a:
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
+
+
+def test_compile_leaves_hooked_models_eager(recipe_file, vp_teacher):
+    """SiDA reads the fake score network's encoder through a forward hook, which the compiled model did not run
+    on every call: that network stays eager while the teacher and the generator are compiled (compilation itself
+    is lazy, so nothing is compiled here)."""
+    from n2ce_distill.methods.sid import SiD
+    from n2ce_distill.trainer import _compile_models
+
+    recipe = recipe_file({"method": {"name": "sid"}, "data": {"name": "digits"}, "teacher": {"path": str(vp_teacher)}})
+    method = SiD(load_recipe(recipe, ["train.batch_size=4"]), (1, 8, 8))
+    for module in [*method.nets.read.values(), *method.frozen.values()]:
+        _compile_models(module)
+    compiled = lambda module: getattr(module.net, "_compiled_call_impl", None) is not None  # noqa: E731
+    assert not compiled(method.nets.read["fake_score"])
+    assert compiled(method.frozen["teacher"]) and compiled(method.nets.read["generator"].denoiser)
 
 
 def test_compile_without_a_compiler_is_refused_at_startup(dxmi_recipe, tmp_path, monkeypatch):

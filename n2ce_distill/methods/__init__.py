@@ -5,17 +5,18 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from ..config import DxMIConfig, RecipeConfig, SiDConfig, TeacherTrainingConfig
+from ..data import num_classes, sample_shape
 from .base import Method, Nets, Processes, StepOutput, Update
 
 __all__ = ["Method", "Nets", "Processes", "StepOutput", "Update", "build_method"]
 
 
 def build_method(recipe: RecipeConfig, dataset: Dataset) -> Method:
-    """The method whose config section the recipe holds (``recipe.method``), sized to the data set's samples."""
+    """The method whose config section the recipe holds (``recipe.method``), sized to the data set's samples and
+    conditioned on its classes when it has labels."""
     from .dxmi import DxMI
     from .sid import SiD
     from .teacher import TeacherTraining
 
-    sample_shape = tuple(dataset[0].shape)
     methods = {TeacherTrainingConfig: TeacherTraining, DxMIConfig: DxMI, SiDConfig: SiD}
-    return methods[type(recipe.method)](recipe, sample_shape)
+    return methods[type(recipe.method)](recipe, sample_shape(dataset), num_classes(dataset))

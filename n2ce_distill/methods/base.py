@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..config import CriticConfig, RecipeConfig
+from ..data import balanced_labels
 from ..denoisers import Denoiser, load_denoiser
 from ..errors import InputError
 from ..objectives import CriticObjective, build_objective
@@ -100,11 +101,13 @@ class Method(ABC):
     ``nets.train`` to train them, ``nets.read`` to read them) and implement the abstract methods.
     ``self.frozen`` holds modules that are moved to the device but never trained (teachers).
     ``self.objective`` is the critic objective of methods that train a critic. Random numbers that must
-    agree across processes are drawn through ``self.processes`` (:class:`Processes`).
+    agree across processes are drawn through ``self.processes`` (:class:`Processes`). ``num_classes`` is the
+    data's number of classes (``None``: unlabelled data, an unconditional loop); a conditional method's
+    :meth:`training_step` gets each batch's labels and its :meth:`generate` draws every class equally often.
     """
 
-    def __init__(self, recipe: RecipeConfig):
-        self.recipe = recipe
+    def __init__(self, recipe: RecipeConfig, num_classes: int | None = None):
+        self.recipe, self.num_classes = recipe, num_classes
         self.objective: CriticObjective | None = None
         self.nets = Nets()
         self.frozen: dict[str, nn.Module] = {}
@@ -120,12 +123,19 @@ class Method(ABC):
         """Key in ``self.nets`` of the network whose EMA is exported and sampled."""
 
     @abstractmethod
-    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
-        """Run one iteration on a data batch, calling ``update`` once per optimiser."""
+    def training_step(self, batch: torch.Tensor, step: int, update: Update,
+                      labels: torch.Tensor | None = None) -> StepOutput:
+        """Run one iteration on a data batch (and its class labels (B,), for a conditional method), calling
+        ``update`` once per optimiser."""
 
     @abstractmethod
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """Draw samples in data space ([-1, 1] for images) with ``model`` (the EMA network)."""
+        """Draw samples in data space ([-1, 1] for images) with ``model`` (the EMA network), every class
+        equally often (:meth:`sample_labels`) for a conditional method."""
+
+    def sample_labels(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """Class-balanced labels for ``batch_size`` samples (``None`` for an unconditional method)."""
+        return None if self.num_classes is None else balanced_labels(batch_size, self.num_classes, device)
 
     @abstractmethod
     def export(self, model: nn.Module, directory: Path) -> None:
@@ -180,8 +190,9 @@ def critic_objective(cfg: CriticConfig) -> CriticObjective:
     return build_objective(cfg.objective, ratio_reg=cfg.ratio_reg, **cfg.objective_parameters())
 
 
-def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...]) -> Denoiser:
-    """The recipe's teacher as a sigma-space denoiser, checked against the data's sample shape.
+def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None) -> Denoiser:
+    """The recipe's teacher as a sigma-space denoiser, checked against the data's sample shape and classes
+    (``num_classes``: the data's, ``None`` for unlabelled data) and against ``teacher.guidance_scale``.
 
     Whatever stops it from loading (a hub id that cannot be reached, a broken ``config.json``, missing or
     truncated weights) is one ``ValueError`` naming ``teacher.path``.
@@ -199,4 +210,23 @@ def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...]) -> Denoise
             f"data.image_size: data samples have shape {tuple(sample_shape)} but teacher "
             f"{recipe.teacher.path!r} expects {tuple(teacher.sample_shape)}"
         )
+    _check_classes(teacher, recipe, num_classes)
     return teacher
+
+
+def _check_classes(teacher: Denoiser, recipe: RecipeConfig, num_classes: int | None) -> None:
+    path, classes = recipe.teacher.path, teacher.num_classes
+    if classes is None and teacher.net.config.get("class_embed_type") is not None:
+        raise InputError(f"teacher.path {path!r}: its net embeds class_embed_type="
+                         f"{teacher.net.config.get('class_embed_type')!r} vectors, not class indices; not supported")
+    if classes is not None and num_classes is None:
+        raise InputError(f"data.labels: teacher {path!r} is class-conditional ({classes} classes); set "
+                         "data.labels=true so that batches carry labels")
+    if classes is None and num_classes is not None:
+        raise InputError(f"data.labels: teacher {path!r} is unconditional; set data.labels=false")
+    if classes != num_classes:
+        raise InputError(f"data.labels: the data has {num_classes} classes but teacher {path!r} was trained on {classes}")
+    if recipe.teacher.guidance_scale != 1 and (classes is None or teacher.null_class is None):
+        why = "is unconditional" if classes is None else "has no null class (trained without label dropout)"
+        raise InputError(f"teacher.guidance_scale: teacher {path!r} {why}, so classifier-free guidance is "
+                         "undefined; set teacher.guidance_scale=1")

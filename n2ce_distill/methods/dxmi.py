@@ -17,6 +17,11 @@ sees ``clamp(x, -1, 1)``, the samples as exported. One iteration:
    ``V(x_{k+1}, k+1) + tau2 ||x_{k+1} - x_k||^2 / (2 v_k) - tau1 log s_k`` (per-dimension means).
 
 Steps 4 and 5 wait until ``method.sampler_warmup_images`` images have been seen (the critic trains alone).
+
+Class-conditional (labelled data and a conditional teacher): each trajectory is drawn for its data row's
+label, so the critic compares ``(x, y)`` pairs of data and samples with the same labels; the critic ``l(x, y)``
+and the correction ``U(x, k, y)`` are projection-conditional and the sampler is the conditional teacher
+(guided by ``teacher.guidance_scale``, which the exported pipeline keeps).
 """
 
 from __future__ import annotations
@@ -40,18 +45,19 @@ SAMPLER_CLIP = 0.1  # DxMI clips the sampler's gradient norm at 0.1
 
 
 class DxMI(Method):
-    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...]):
-        super().__init__(recipe)
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
+        super().__init__(recipe, num_classes)
         opts = recipe.method
-        teacher = load_teacher(recipe, sample_shape)
+        teacher = load_teacher(recipe, sample_shape, num_classes)
         sigmas = few_step_sigmas(teacher, opts.num_steps, spacing=opts.spacing)
-        self.nets["sampler"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, opts.last_scale, eta=opts.eta)
-        self.nets["critic"] = build_critic(recipe.critic, sample_shape)
+        self.nets["sampler"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, opts.last_scale,
+                                              eta=opts.eta, guidance_scale=recipe.teacher.guidance_scale)
+        self.nets["critic"] = build_critic(recipe.critic, sample_shape, num_classes=num_classes)
         if not opts.share_value:
             # U starts at 0, so V starts as the critic's energy: a freshly initialised value network's
             # gradients are a smooth random field that the sampler would follow before TD has taught it
             # anything (measured on digits: FID 11.6 -> 22 in 100 iterations, against 4.7 with U = 0)
-            value = build_critic(recipe.critic, sample_shape, conditioned=True)
+            value = build_critic(recipe.critic, sample_shape, conditioned=True, num_classes=num_classes)
             nn.init.zeros_(value.out.weight)
             nn.init.zeros_(value.out.bias)
             self.nets["value"] = value
@@ -73,15 +79,17 @@ class DxMI(Method):
             optimizers["value"] = self.adam(value=self.nets.read["value"].parameters())
         return optimizers
 
-    def value(self, x: torch.Tensor, k: torch.Tensor, correction: nn.Module | None = None) -> torch.Tensor:
-        """Cost-to-go ``V(x, k) = -l(x) + U(x, k)``, with ``U = 0`` at the final step (and when shared).
+    def value(self, x: torch.Tensor, k: torch.Tensor, labels: torch.Tensor | None = None,
+              correction: nn.Module | None = None) -> torch.Tensor:
+        """Cost-to-go ``V(x, k) = -l(x) + U(x, k)``, with ``U = 0`` at the final step (and when shared); both read
+        the rows' class ``labels`` in a conditional run.
 
         ``k`` lives on the host (a CPU tensor), so the rows that need ``U`` (``k < T``) are picked without waiting
         for the device, and ``U`` is computed on those rows only. ``correction`` is the network that computes
         ``U``: the bare one by default, since the value is read, not trained, there (and so never enters a
         distributed gradient reduction).
         """
-        energy = -self.nets.read["critic"](clamp_images(x))
+        energy = -self.nets.read["critic"](clamp_images(x), class_labels=labels)
         if "value" not in self.nets:
             return energy
         correction = correction or self.nets.read["value"]
@@ -91,7 +99,8 @@ class DxMI(Method):
         rows = inner.to(x.device)
         # U sees x as the critic does (not rescaled by c_in(sigma_k): measured, that made the 8-Gaussians
         # student diverge, SW2 > 100, where raw inputs reached 0.12)
-        correction_rows = correction(x[rows], k[inner].to(device=x.device, dtype=x.dtype))
+        row_labels = None if labels is None else labels[rows]
+        correction_rows = correction(x[rows], k[inner].to(device=x.device, dtype=x.dtype), class_labels=row_labels)
         return energy.index_add(0, rows, correction_rows.to(energy.dtype))
 
     @property
@@ -101,14 +110,15 @@ class DxMI(Method):
         the four). Sampling reads no value: what is exported is the sampler alone."""
         return self.recipe.method.sampler_steps_from + 1
 
-    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
+    def training_step(self, batch: torch.Tensor, step: int, update: Update,
+                      labels: torch.Tensor | None = None) -> StepOutput:
         opts = self.recipe.method
         sampler, bare_sampler = self.nets.train["sampler"], self.nets.read["sampler"]
         B, T, device = batch.shape[0], opts.num_steps, batch.device
         shape = tuple(batch.shape[1:])
         with torch.no_grad(), self.phase("trajectory"):
             noise = lambda s: self.processes.randn(B, *shape, device=device)  # noqa: E731
-            traj = bare_sampler.sample(B, return_trajectory=True, noise=noise)  # (T+1, B, ...)
+            traj = bare_sampler.sample(B, return_trajectory=True, noise=noise, class_labels=labels)  # (T+1, B, ...)
         x_now, x_next = traj[:-1], traj[1:]
 
         # the running velocity stays on the device (read back only for checkpoints)
@@ -120,7 +130,9 @@ class DxMI(Method):
         # the digits' pixels sit exactly at -1, a boundary unclamped samples can only approach, and a critic
         # that tells them apart there led the sampler into speckled backgrounds (digits, one seed: FID 4.5 ->
         # 12-15 by 350 iterations unclamped; clamped, 3.7-5.9 up to 400, and ~3 up to 800 with sampler_steps_from 2)
-        logits_data, logits_noise = self.nets.train["critic"](torch.cat([batch, clamp_images(traj[-1])])).split(B)
+        both_labels = None if labels is None else labels.repeat(2)
+        logits_data, logits_noise = self.nets.train["critic"](torch.cat([batch, clamp_images(traj[-1])]),
+                                                              class_labels=both_labels).split(B)
         critic_loss = self.objective(logits_data, logits_noise)
         update("critic", critic_loss)
         logs = {"loss_critic": critic_loss.detach()}
@@ -132,10 +144,11 @@ class DxMI(Method):
         if "value" in self.nets and first < T:
             n = T - first
             k_all = torch.arange(first, T).repeat_interleave(B)  # on the host: see value()
+            row_labels = None if labels is None else labels.repeat(n)  # rows are step-major, as k_all
             with torch.no_grad():
-                target = self.value(x_next[first:].reshape(n * B, *shape), k_all + 1)
+                target = self.value(x_next[first:].reshape(n * B, *shape), k_all + 1, row_labels)
             with self.reading(self.nets.read["critic"]):
-                value = self.value(x_now[first:].reshape(n * B, *shape), k_all, self.nets.train["value"])
+                value = self.value(x_now[first:].reshape(n * B, *shape), k_all, row_labels, self.nets.train["value"])
             value_loss = (value - target).pow(2).mean()
             update("value", value_loss)
             logs["loss_value"] = value_loss.detach()
@@ -146,13 +159,13 @@ class DxMI(Method):
         k_host = self.processes.draw(lambda n: torch.randint(opts.sampler_steps_from, T, (n,)), B)
         k = k_host.to(device)
         x_prev = x_now[k, torch.arange(B, device=device)]
-        x_new = sampler(x_prev, k, self.processes.randn(B, *shape, device=device))
+        x_new = sampler(x_prev, k, self.processes.randn(B, *shape, device=device), labels)
         velocity = self.velocity[k]
         log_scale = bare_sampler.scales()[k].log()
         running = opts.tau2 * (x_new - x_prev).pow(2).flatten(1).mean(1) / (2 * velocity) - opts.tau1 * log_scale
         # gradients reach x_new, not the critic's or U's weights
         with self.reading(*(self.nets.read[name] for name in ("critic", "value") if name in self.nets)):
-            sampler_loss = (self.value(x_new, k_host + 1) + running).mean()
+            sampler_loss = (self.value(x_new, k_host + 1, labels) + running).mean()
         update("sampler", sampler_loss, clip=SAMPLER_CLIP)
         logs["loss_sampler"] = sampler_loss.detach()
         # the learned noise scales (after this update): on digits s_0 grew whenever the early steps trained
@@ -160,7 +173,7 @@ class DxMI(Method):
         return StepOutput(logs, critic_logits)
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return model.sample(batch_size, generator=generator)
+        return model.sample(batch_size, generator=generator, class_labels=self.sample_labels(batch_size, model.sigmas.device))
 
     def export(self, model: nn.Module, directory: Path) -> None:
         FewStepPipeline.from_sampler(model).save_pretrained(directory)

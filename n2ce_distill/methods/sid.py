@@ -14,6 +14,11 @@ Networks: the frozen teacher ``D_phi``; a fake score network ``D_psi`` and a one
 Every loss is a sum over its elements (pixels for the score terms, logit positions for the critic) and
 a mean over the batch, as in SiD's and EDM's training code: the balance between the score terms and
 the critic terms then follows the ratio of pixels to logit positions, as in SiDA, at any resolution.
+
+Class-conditional (labelled data and a conditional teacher): the generator draws each sample for its data row's
+label; the teacher (guided by ``teacher.guidance_scale``, as SiD-LSG and SiDA guide it) and the fake score
+network read the same labels, and so does the SiDA critic, whose logits are the fake score network's encoder
+features computed with them.
 """
 
 from __future__ import annotations
@@ -55,10 +60,10 @@ class EncoderLogits:
 
 
 class SiD(Method):
-    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...]):
-        super().__init__(recipe)
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
+        super().__init__(recipe, num_classes)
         opts = recipe.method
-        teacher = load_teacher(recipe, sample_shape)
+        teacher = load_teacher(recipe, sample_shape, num_classes)
         self.frozen["teacher"] = teacher.requires_grad_(False)
         self.nets["fake_score"] = copy.deepcopy(teacher).requires_grad_(True)
         sigmas = torch.tensor([opts.sigma_init, 0.0])
@@ -75,10 +80,10 @@ class SiD(Method):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {name: self.adam(**{name: self.nets.read[name].parameters()}) for name in ("fake_score", "generator")}
 
-    def _generate(self, batch_size: int, device: torch.device) -> torch.Tensor:
+    def _generate(self, batch_size: int, device: torch.device, labels: torch.Tensor | None) -> torch.Tensor:
         z = self.processes.randn(batch_size, *self.nets.read["generator"].denoiser.sample_shape, device=device)
         steps = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return self.nets.train["generator"](self.recipe.method.sigma_init * z, steps, torch.zeros_like(z))
+        return self.nets.train["generator"](self.recipe.method.sigma_init * z, steps, torch.zeros_like(z), labels)
 
     def _critic_logits(self, logits: torch.Tensor) -> torch.Tensor:
         clamp = self.recipe.method.logit_clamp
@@ -87,7 +92,8 @@ class SiD(Method):
         offset = self.objective.log_offset  # clamp l - log M, never l itself: clamping l at +-10 kills N²CE's gradients
         return logits.clamp(offset - clamp, offset + clamp)
 
-    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
+    def training_step(self, batch: torch.Tensor, step: int, update: Update,
+                      labels: torch.Tensor | None = None) -> StepOutput:
         opts, sd = self.recipe.method, self.nets.read["fake_score"].sigma_data
         B, device = batch.shape[0], batch.device
         images_seen = step * self.recipe.train.batch_size
@@ -95,12 +101,12 @@ class SiD(Method):
 
         # 1. fake score (+ SiDA critic), on detached generator samples
         with torch.no_grad():
-            x_g = self._generate(B, device)
+            x_g = self._generate(B, device, labels)
         sigma = (FAKE_P_MEAN + FAKE_P_STD * self.processes.randn(B, device=device)).exp()
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
         noise = torch.cat([self.processes.randn(B, *batch.shape[1:], device=device) for _ in range(2)])
         inputs = torch.cat([x_g, batch]) + view(sigma.repeat(2)) * noise
-        denoised = self.nets.train["fake_score"](inputs, sigma.repeat(2))
+        denoised = self.nets.train["fake_score"](inputs, sigma.repeat(2), None if labels is None else labels.repeat(2))
         fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).sum(1)).mean()
         logs = {"loss_fake_score": fake_loss.detach()}
         critic_logits = None
@@ -116,7 +122,7 @@ class SiD(Method):
         # 2. generator, after its warm-up
         if images_seen < opts.generator_warmup_images:
             return StepOutput(logs, critic_logits)
-        x_g = self._generate(B, device)
+        x_g = self._generate(B, device, labels)
         t = opts.t_max * self.processes.draw(lambda n: torch.rand(n, device=device), B)
         lo, hi = opts.sigma_min ** (1 / 7), opts.sigma_max ** (1 / 7)
         sigma = (hi + (1 - t) * (lo - hi)) ** 7
@@ -124,7 +130,8 @@ class SiD(Method):
         # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction, and
         # reading() keeps autograd from building a graph for its weights (the encoder's logits come from this pass)
         with self.reading(self.nets.read["fake_score"]):
-            real, fake = self.frozen["teacher"](x_t, sigma), self.nets.read["fake_score"](x_t, sigma)
+            real = self.frozen["teacher"].guided(x_t, sigma, labels, self.recipe.teacher.guidance_scale)
+            fake = self.nets.read["fake_score"](x_t, sigma, labels)
         w = (x_g - real).abs().flatten(1).mean(1).clamp_min(MIN_NORMALISER).detach()
         per_pixel = (real - fake) * ((real - x_g) - opts.alpha * (real - fake))
         sid_loss = (per_pixel.flatten(1).sum(1) / w).mean()
@@ -139,7 +146,7 @@ class SiD(Method):
         return StepOutput(logs, critic_logits)
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return model.sample(batch_size, generator=generator)
+        return model.sample(batch_size, generator=generator, class_labels=self.sample_labels(batch_size, model.sigmas.device))
 
     def export(self, model: nn.Module, directory: Path) -> None:
         FewStepPipeline.from_sampler(model).save_pretrained(directory)

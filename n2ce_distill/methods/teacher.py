@@ -1,7 +1,10 @@
 """Train a diffusion teacher from scratch by denoising score matching in sigma space.
 
 Loss ``lambda(s) ||D(x + s n; s) - x||^2`` with the denoiser's own noise-level distribution and
-weight: the EDM loss for EDM models and exactly DDPM's epsilon MSE for VP models.
+weight: the EDM loss for EDM models and exactly DDPM's epsilon MSE for VP models. On labelled data the
+net is class-conditional, and with ``method.net.label_dropout = p`` a share p of the labels is replaced
+by a null class (one more row of the class table), so that the same net also learns the unconditional
+denoiser that classifier-free guidance reads (Ho and Salimans 2022).
 """
 
 from __future__ import annotations
@@ -24,20 +27,25 @@ PREVIEW_STEPS = 50  # Euler steps for sample grids while training (the 1000-step
 
 
 class TeacherTraining(Method):
-    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...]):
-        super().__init__(recipe)
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
+        super().__init__(recipe, num_classes)
         net_cfg = recipe.method.net
+        # the null class is the table's last row
+        self.null_class = num_classes if num_classes is not None and net_cfg.label_dropout > 0 else None
+        table = None if num_classes is None else num_classes + (self.null_class is not None)
         if len(sample_shape) == 3:
-            net = tiny_unet(sample_shape[-1], sample_shape[0], block_out_channels=tuple(net_cfg.block_out_channels))
+            net = tiny_unet(sample_shape[-1], sample_shape[0], block_out_channels=tuple(net_cfg.block_out_channels),
+                            num_class_embeds=table)
         else:
             # EDM's c_noise = ln(sigma)/4 spans a narrow range: Fourier features resolve it, DDPM sinusoids do not
             embedding = "fourier" if net_cfg.parameterization == "edm" else "positional"
-            net = ToyMLP(dim=sample_shape[0], width=net_cfg.hidden_features, depth=net_cfg.num_layers, time_embedding_type=embedding)
+            net = ToyMLP(dim=sample_shape[0], width=net_cfg.hidden_features, depth=net_cfg.num_layers,
+                         time_embedding_type=embedding, num_class_embeds=table)
         if net_cfg.parameterization == "vp-eps":
             scheduler = DDPMScheduler(num_train_timesteps=net_cfg.num_train_timesteps)
-            self.nets["denoiser"] = VPEpsilonDenoiser(net, scheduler)
+            self.nets["denoiser"] = VPEpsilonDenoiser(net, scheduler, null_class=self.null_class)
         else:
-            self.nets["denoiser"] = EDMDenoiser(net, sigma_data=net_cfg.sigma_data)
+            self.nets["denoiser"] = EDMDenoiser(net, sigma_data=net_cfg.sigma_data, null_class=self.null_class)
 
     @property
     def ema_name(self) -> str:
@@ -46,16 +54,22 @@ class TeacherTraining(Method):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"denoiser": self.adam(denoiser=self.nets.read["denoiser"].parameters())}
 
-    def training_step(self, batch: torch.Tensor, step: int, update: Update) -> StepOutput:
+    def training_step(self, batch: torch.Tensor, step: int, update: Update,
+                      labels: torch.Tensor | None = None) -> StepOutput:
         denoiser = self.nets.read["denoiser"]
         sigma = self.processes.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
         noise = self.processes.randn(len(batch), *batch.shape[1:], device=batch.device)
-        loss = denoiser.denoising_loss(batch, sigma=sigma, noise=noise, model=self.nets.train["denoiser"]).mean()
+        if self.null_class is not None:
+            dropped = self.processes.draw(lambda n: torch.rand(n, device=batch.device), len(batch))
+            labels = labels.masked_fill(dropped < self.recipe.method.net.label_dropout, self.null_class)
+        loss = denoiser.denoising_loss(batch, labels, sigma=sigma, noise=noise, model=self.nets.train["denoiser"]).mean()
         update("denoiser", loss)
         return StepOutput({"loss_denoise": loss.detach()})
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return teacher_sample(model, batch_size, steps=PREVIEW_STEPS, method="euler", generator=generator)
+        labels = self.sample_labels(batch_size, model.device)
+        return teacher_sample(model, batch_size, steps=PREVIEW_STEPS, method="euler", generator=generator,
+                              class_labels=labels)
 
     def export(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
