@@ -90,6 +90,19 @@ def test_guidance_is_the_affine_mix_of_conditional_and_null(vp_cond_teacher):
         assert not torch.allclose(conditional, null)
 
 
+def test_edm_conditional_teacher_round_trips_its_classes(tmp_path):
+    from n2ce_distill.denoisers import EDMDenoiser
+
+    net = tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=6)
+    EDMDenoiser(net, null_class=5).save_pretrained(tmp_path)
+    teacher = load_denoiser(tmp_path)
+    assert type(teacher) is EDMDenoiser and teacher.num_classes == 5 and teacher.null_class == 5
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        teacher.net.class_embedding.weight.normal_()
+        assert not torch.allclose(teacher(x, 1.0, torch.tensor([0, 1])), teacher(x, 1.0, torch.tensor([2, 3])))
+
+
 def test_guidance_needs_a_null_class():
     net = tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=10)
     teacher = VPEpsilonDenoiser(net, DDPMScheduler())
