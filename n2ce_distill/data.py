@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS", "TOY_DISTRIBUTIONS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset",
-    "InfiniteLoader", "TwoSpirals", "balanced_labels", "build_dataset", "dataset_from_config", "cifar10", "digits",
+    "InfiniteLoader", "TwoSpirals", "balanced_labels", "build_dataset", "check_labels", "dataset_from_config",
+    "cifar10", "digits",
     "infinite_loader", "num_classes", "sample_shape",
 ]
 
@@ -249,6 +250,13 @@ def sample_shape(dataset: Dataset) -> tuple[int, ...]:
     """The shape of one sample (its label, if any, left out)."""
     item = dataset[0]
     return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, key: str) -> torch.Tensor:
+    """``labels`` (N,), N >= 1, each in ``[0, num_classes)``, else one line naming ``key``."""
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise InputError(f"{key}: each label must lie in [0, {num_classes}), got {labels.tolist()[:10]}")
+    return labels
 
 
 def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:

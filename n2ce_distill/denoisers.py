@@ -111,13 +111,17 @@ class Denoiser(nn.Module, abc.ABC):
         over both); ``w = 1`` is the conditional denoiser itself, ``w = 0`` the unconditional one."""
         if guidance_scale == 1 or class_labels is None:
             return self(x, sigma, class_labels)
-        if self.null_class is None:
-            raise InputError("guidance_scale: this teacher has no null class (it was trained without label "
-                             "dropout), so classifier-free guidance is undefined; use guidance_scale=1")
+        self.check_guidance(guidance_scale)
         null = torch.full_like(class_labels, self.null_class)
         sigma = _sigma_vector(sigma, x)
         conditional, unconditional = self(torch.cat([x, x]), sigma.repeat(2), torch.cat([class_labels, null])).chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
+
+    def check_guidance(self, guidance_scale: float, key: str = "guidance_scale", name: str = "this teacher") -> None:
+        """Refuse ``guidance_scale != 1`` where guidance is undefined, naming the recipe key or option ``key``."""
+        if guidance_scale != 1 and self.null_class is None:
+            why = "is unconditional" if self.num_classes is None else "has no null class (trained without label dropout)"
+            raise InputError(f"{key}: {name} {why}, so classifier-free guidance is undefined; set {key}=1")
 
     def _label_settings(self) -> dict:
         return {} if self.null_class is None else {"null_class": self.null_class}  # unconditional folders unchanged

@@ -6,6 +6,7 @@ that torch-fidelity pulls it batch by batch (only features are kept, never all s
 references are loaded lazily, so a reference whose statistics are cached is never loaded.
 """
 
+import functools
 import hashlib
 import random
 from contextlib import contextmanager
@@ -49,6 +50,8 @@ NAMED_REFERENCES = {"digits": ((1, 8, 8), 1797), "cifar10-train": ((3, 32, 32), 
 IMAGE_EXTENSIONS = "png,jpg,jpeg"
 
 
+# a per-class evaluation reads the reference and its labels once per class: read each set once per process
+@functools.lru_cache(maxsize=1)
 def _cifar10_train(name: str):
     from torchvision.datasets import CIFAR10
 
@@ -60,6 +63,7 @@ def _cifar10_train(name: str):
                          "CIFAR-10 archive there, or pass an image folder or a .npz statistics file") from None
 
 
+@functools.lru_cache(maxsize=1)
 def load_named_reference(name: str) -> torch.Tensor:
     """uint8 (N, C, H, W) images of a named reference (CIFAR-10 train is downloaded by torchvision)."""
     if name == "digits":
@@ -67,6 +71,7 @@ def load_named_reference(name: str) -> torch.Tensor:
     return torch.from_numpy(_cifar10_train(name).data).permute(0, 3, 1, 2).contiguous()
 
 
+@functools.lru_cache(maxsize=2)
 def load_named_labels(name: str) -> torch.Tensor:
     """The class label (N,) of each image of a named reference, in :func:`load_named_reference`'s order."""
     if name == "digits":
@@ -215,8 +220,8 @@ def reference_input(ref, rgb: bool, tag: str):
     if isinstance(ref, str) and ref in NAMED_REFERENCES:
         return LazyReference(ref, rgb), f"{ref}-{tag}", NAMED_REFERENCES[ref][1], None
     if isinstance(ref, ClassReference):
-        reference = LazyReference(ref.name, rgb, ref.label)
-        return reference, f"{ref.name}-class{ref.label}-{tag}", len(reference), None
+        count = int((load_named_labels(ref.name) == ref.label).sum())  # the images load only if not cached
+        return LazyReference(ref.name, rgb, ref.label), f"{ref.name}-class{ref.label}-{tag}", count, None
     check_reference(ref)
     path = Path(ref)
     if check_path(ref, "reference").suffix == ".npz":

@@ -16,7 +16,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from .data import balanced_labels
+from .data import balanced_labels, check_labels
 from .denoisers import denoiser_from_components, load_denoiser
 from .errors import InputError
 from .fewstep import FewStepSampler
@@ -142,9 +142,7 @@ def _batch_labels(batch_size: int | None, class_labels, num_classes: int | None,
         return (1 if batch_size is None else batch_size), None
     if num_classes is None:
         raise InputError("class_labels: this student is unconditional; leave class_labels out")
-    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-    if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes:
-        raise InputError(f"class_labels: each label must lie in [0, {num_classes}), got {labels.tolist()[:10]}")
+    labels = check_labels(torch.as_tensor(class_labels, dtype=torch.long).reshape(-1), num_classes, "class_labels")
     if batch_size is not None and batch_size != len(labels):
         raise InputError(f"class_labels: {len(labels)} labels for batch_size {batch_size}")
     return len(labels), labels.to(device)
@@ -162,8 +160,7 @@ class SampleSource:
         if labels is not None:
             if num_classes is None:
                 raise InputError("--class-labels: this source is unconditional")
-            if not labels or min(labels) < 0 or max(labels) >= num_classes:
-                raise InputError(f"--class-labels: each label must lie in [0, {num_classes}), got {labels[:10]}")
+            check_labels(torch.tensor(labels, dtype=torch.long), num_classes, "--class-labels")
         self._draw, self.sample_shape, self.num_classes = draw, tuple(sample_shape), num_classes
         self.fixed_labels = labels
 
@@ -201,8 +198,7 @@ def load_sample_source(
         raise InputError(f"{path}: a teacher needs a number of sampling steps (PATH@STEPS)")
     denoiser = load_denoiser(str(path)).to(device).eval()
     scale = 1.0 if guidance_scale is None else guidance_scale
-    if scale != 1 and denoiser.null_class is None:
-        raise InputError(f"--guidance-scale: {path} has no null class (trained without label dropout)")
+    denoiser.check_guidance(scale, "--guidance-scale", str(path))
     draw = lambda n, g, labels: teacher_sample(  # noqa: E731
         denoiser, n, steps=steps, method=method, spacing=spacing, generator=g, class_labels=_on(labels, device),
         guidance_scale=scale)

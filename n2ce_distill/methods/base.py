@@ -226,7 +226,4 @@ def _check_classes(teacher: Denoiser, recipe: RecipeConfig, num_classes: int | N
         raise InputError(f"data.labels: teacher {path!r} is unconditional; set data.labels=false")
     if classes != num_classes:
         raise InputError(f"data.labels: the data has {num_classes} classes but teacher {path!r} was trained on {classes}")
-    if recipe.teacher.guidance_scale != 1 and (classes is None or teacher.null_class is None):
-        why = "is unconditional" if classes is None else "has no null class (trained without label dropout)"
-        raise InputError(f"teacher.guidance_scale: teacher {path!r} {why}, so classifier-free guidance is "
-                         "undefined; set teacher.guidance_scale=1")
+    teacher.check_guidance(recipe.teacher.guidance_scale, "teacher.guidance_scale", f"teacher {path!r}")
