@@ -8,6 +8,9 @@ also reads ``cond``, a float tensor ``(B,)`` (a noise level sigma or a sampler s
 in the projection style (Miyato and Koyama 2018): ``l(x, y) = w^T phi(x) + e_y^T phi(x)`` with a learned
 class embedding ``e_y`` and the features ``phi`` the unconditional read-out sees; ``forward(x, cond,
 class_labels)`` then needs labels ``(B,)``.
+
+Critics that live on a score network's encoder (SiDA's and DMD2's) read it through :class:`EncoderFeatures`, the
+input of the UNet's mid block captured on each forward; :class:`BottleneckHead` is DMD2's small classifier on it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .errors import InputError
+
 if TYPE_CHECKING:
     from .config import CriticConfig
 
-__all__ = ["ConditionEmbedding", "MLPCritic", "ConvCritic", "build_critic"]
+__all__ = ["ConditionEmbedding", "MLPCritic", "ConvCritic", "build_critic", "EncoderFeatures", "BottleneckHead"]
 
 _ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 _COND_SCALES = ("log", "linear")
@@ -253,3 +258,46 @@ def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: 
         in_features=int(torch.tensor(sample_shape).prod()), hidden_features=cfg.hidden_features,
         num_layers=cfg.num_layers, conditioned=conditioned, cond_scale="linear", num_classes=num_classes,
     )
+
+
+class EncoderFeatures:
+    """The bottleneck of a diffusers-style UNet (the input of its ``mid_block``), captured on every forward pass of
+    the net: the features SiDA's critic reads directly and DMD2's :class:`BottleneckHead` classifies. ``key``
+    names the recipe switch in the error for a net without a mid block."""
+
+    def __init__(self, unet: nn.Module, key: str):
+        mid = getattr(unet, "mid_block", None)
+        if mid is None:
+            raise InputError(f"{key}: the encoder critic needs a UNet teacher with a mid block (set {key}=false)")
+        self._features: torch.Tensor | None = None
+        mid.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self._features = args[0]
+
+    def read(self) -> torch.Tensor:
+        """The features ``(B, C, h, w)`` of the net's latest forward pass."""
+        if self._features is None:
+            raise RuntimeError("EncoderFeatures.read: the net has not run since the hook was installed")
+        return self._features
+
+
+class BottleneckHead(nn.Module):
+    """DMD2's GAN classifier: a few parameters on a score network's bottleneck features ``(B, C, h, w)`` -> one
+    logit per sample ``(B,)``. A 3x3 convolution, group norm and SiLU, a spatial mean (any bottleneck size), and a
+    linear read-out that starts at 0 (``l = 0``: ratio 1). A plain module: it reads features, never labels (the
+    features were computed with them)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
+        # the read-out starts at 0, so the generator's adversarial term starts from no opinion (a random head's
+        # logits would push the generator along a random field before the head has learnt anything)
+        self.out = nn.Linear(channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm(self.conv(features)))
+        return self.out(h.mean(dim=(2, 3))).squeeze(-1)

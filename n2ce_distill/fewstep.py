@@ -5,6 +5,9 @@ One step is ``x_{k+1} = mu(x_k, k) + s_k z`` with the ancestral mean
 schedule, so the mean is the DDPM posterior mean for a VP teacher) and a learned scale
 ``s_k = exp(log_s_k)`` initialised to the ancestral ``sigma_up_k``. ``x_0 = sigma_0 z``. With
 ``sigmas = [sigma_init, 0]`` and ``s = 0`` this is SiD's one-step generator ``D(sigma_init z; sigma_init)``.
+With ``renoise`` every step predicts the clean sample and noises it afresh to the next level,
+``x_{k+1} = D(x_k; sigma_k) + sigma_{k+1} z`` (``sigma_down = 0``, fixed ``s_k = sigma_{k+1}``): the multistep
+sampling of consistency models and DMD2.
 A class-conditional denoiser takes ``class_labels`` (B,) at every step; with ``guidance_scale != 1`` each mean
 reads the classifier-free-guided denoiser (two net evaluations per step).
 """
@@ -26,27 +29,34 @@ __all__ = ["FewStepSampler"]
 class FewStepSampler(nn.Module):
     """``sigmas``: T+1 decreasing noise levels ending at 0. ``last_scale`` fixes ``s_{T-1}`` (None: learnt);
     ``eta`` splits each step's noise between the mean and ``s_k`` as in DDIM (1: ancestral, 0: deterministic);
-    ``guidance_scale``: classifier-free guidance of the denoiser in every mean (1: none)."""
+    ``guidance_scale``: classifier-free guidance of the denoiser in every mean (1: none); ``renoise``: each step
+    re-noises the denoised sample with fresh noise at the next level (no learned scales; ``eta`` and
+    ``last_scale`` unused)."""
 
     def __init__(
         self, denoiser: Denoiser, sigmas: torch.Tensor, last_scale: float | None = 1e-3, min_scale: float = 1e-3,
-        eta: float = 1.0, guidance_scale: float = 1.0,
+        eta: float = 1.0, guidance_scale: float = 1.0, renoise: bool = False,
     ):
         super().__init__()
         sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
         if sigmas.dim() != 1 or len(sigmas) < 2 or sigmas[-1] != 0 or (sigmas[1:] >= sigmas[:-1]).any():
             raise ValueError(f"sigmas: expected T+1 strictly decreasing values ending at 0, got {sigmas.tolist()}")
         self.denoiser, self.eta, self.guidance_scale = denoiser, float(eta), float(guidance_scale)
-        sigma_down, sigma_up = ancestral_step_scales(sigmas, eta)  # eta = 1: DDPM posterior, 0: DDIM mean
+        self.renoise = bool(renoise)
+        if renoise:
+            sigma_down, sigma_up = torch.zeros(len(sigmas) - 1), sigmas[1:].clone()
+        else:
+            sigma_down, sigma_up = ancestral_step_scales(sigmas, eta)  # eta = 1: DDPM posterior, 0: DDIM mean
         self.register_buffer("sigmas", sigmas)
         self.register_buffer("sigma_down", sigma_down.float())
         # log 0 is -inf: a step whose ancestral noise is 0 starts from a tiny positive scale instead
         self.log_scales = nn.Parameter(sigma_up.float().clamp_min(min_scale).log())
         # a fixed scale lives in a buffer (it may be exactly 0, as in SiD's deterministic generator)
-        fixed = torch.zeros(len(sigma_up), dtype=torch.bool)
-        fixed_values = torch.zeros(len(sigma_up))
-        if last_scale is not None:
+        fixed = torch.full((len(sigma_up),), self.renoise)
+        fixed_values = sigma_up.float() if renoise else torch.zeros(len(sigma_up))
+        if last_scale is not None and not renoise:
             fixed[-1], fixed_values[-1] = True, last_scale
+        self.log_scales.requires_grad_(not bool(fixed.all()))  # nothing to learn when every scale is fixed
         self.register_buffer("fixed_scale", fixed)
         self.register_buffer("fixed_values", fixed_values)
 

@@ -34,22 +34,23 @@ CUSTOM_PIPELINE_FILE = (
 
 class FewStepScheduler(SchedulerMixin, ConfigMixin):
     """The few-step schedule: ``sigmas`` (T+1, ending at 0), per-step noise ``noise_scales`` (T), the ``eta``
-    that fixed the step means (see :class:`~n2ce_distill.fewstep.FewStepSampler`), and for a class-conditional
-    student the ``guidance_scale`` it was distilled with and its net's ``null_class`` (guidance needs it)."""
+    that fixed the step means (see :class:`~n2ce_distill.fewstep.FewStepSampler`) or ``renoise`` (each step
+    noises its denoised sample afresh, as DMD2 samples), and for a class-conditional student the
+    ``guidance_scale`` it was distilled with and its net's ``null_class`` (guidance needs it)."""
 
     config_name = "scheduler_config.json"
 
     @register_to_config
     def __init__(
         self, sigmas: list[float] = (2.5, 0.0), noise_scales: list[float] = (0.0,), c_noise: str = "edm", eta: float = 1.0,
-        guidance_scale: float = 1.0, null_class: int | None = None,
+        guidance_scale: float = 1.0, null_class: int | None = None, renoise: bool = False,
     ):
         if len(noise_scales) != len(sigmas) - 1:
             raise ValueError(f"noise_scales: expected {len(sigmas) - 1} values for {len(sigmas)} sigmas")
 
 
 class FewStepPipeline(DiffusionPipeline):
-    """T-step (or one-step) sampler exported from DxMI or SiD training."""
+    """T-step (or one-step) sampler exported from DxMI, SiD or DMD2 training."""
 
     def __init__(self, unet, scheduler, few_step: FewStepScheduler):
         super().__init__()
@@ -61,7 +62,7 @@ class FewStepPipeline(DiffusionPipeline):
         few_step = FewStepScheduler(
             sigmas=sampler.sigmas.tolist(), noise_scales=sampler.scales().tolist(),
             c_noise=getattr(denoiser, "c_noise", "edm"), eta=sampler.eta, guidance_scale=sampler.guidance_scale,
-            null_class=denoiser.null_class,
+            null_class=denoiser.null_class, renoise=sampler.renoise,
         )
         return cls(unet=denoiser.net, scheduler=denoiser.to_scheduler(), few_step=few_step)
 
@@ -80,7 +81,7 @@ class FewStepPipeline(DiffusionPipeline):
         *learned, last = config.noise_scales
         scale = config.guidance_scale if guidance_scale is None else guidance_scale
         sampler = FewStepSampler(denoiser, torch.tensor(config.sigmas), last_scale=last, eta=config.eta,
-                                 guidance_scale=scale)
+                                 guidance_scale=scale, renoise=config.renoise)
         with torch.no_grad():
             sampler.log_scales[:-1].copy_(torch.tensor(learned).log())
         return sampler.to(self.device)

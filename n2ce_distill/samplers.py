@@ -25,6 +25,7 @@ __all__ = [
     "ancestral_step_scales",
     "euler_sample",
     "few_step_sigmas",
+    "karras_ramp",
     "karras_sigmas",
     "teacher_sample",
     "vp_quadratic_sigmas",
@@ -38,13 +39,16 @@ def _with_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas.float(), sigmas.new_zeros(1).float()])
 
 
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    r"""EDM schedule ``sigma_i = (smax^{1/rho} + i/(n-1) (smin^{1/rho} - smax^{1/rho}))^rho``, i < n, then 0.
-
-    ``n = 1`` gives ``[sigma_max, 0]``."""
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+def karras_ramp(t: torch.Tensor, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    r"""The EDM noise ramp at ``t`` in [0, 1]: ``(smax^{1/rho} + t (smin^{1/rho} - smax^{1/rho}))^rho``, from
+    ``sigma_max`` at 0 to ``sigma_min`` at 1 (the levels SiD's and DMD2's training losses draw)."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return _with_zero((hi + ramp * (lo - hi)) ** rho)
+    return (hi + t * (lo - hi)) ** rho
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    r"""EDM schedule: :func:`karras_ramp` at ``t = i/(n-1)``, i < n, then 0. ``n = 1`` gives ``[sigma_max, 0]``."""
+    return _with_zero(karras_ramp(torch.linspace(0, 1, n, dtype=torch.float64), sigma_min, sigma_max, rho))
 
 
 def vp_quadratic_sigmas(denoiser: Denoiser, n: int) -> torch.Tensor:

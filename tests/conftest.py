@@ -70,3 +70,21 @@ def recipe_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def tiny_method(recipe_file, vp_teacher):
+    """Build a method object (class ``cls``, recipe ``method.name`` ``name``) on a tiny untrained teacher (the 8x8 VP
+    one by default) at batch 4, with extra dotted overrides; its frozen networks in eval mode, as the trainer sets
+    them."""
+    from n2ce_distill.config import load_recipe
+
+    def make(cls, name: str, *overrides: str, teacher=vp_teacher, data: str = "digits"):
+        path = recipe_file({"method": {"name": name}, "data": {"name": data}, "teacher": {"path": str(teacher)}})
+        torch.manual_seed(0)
+        method = cls(load_recipe(path, ["train.batch_size=4", *overrides]), (1, 8, 8) if data == "digits" else (2,))
+        for module in method.frozen.values():
+            module.eval()
+        return method
+
+    return make

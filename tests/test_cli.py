@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 from n2ce_distill.cli import main
 

@@ -17,7 +17,7 @@ from n2ce_distill.denoisers import VPEpsilonDenoiser, load_denoiser
 from n2ce_distill.errors import InputError
 from n2ce_distill.methods import build_method
 from n2ce_distill.nets import tiny_unet
-from n2ce_distill.pipelines import FewStepPipeline, load_sample_source
+from n2ce_distill.pipelines import FewStepPipeline
 from n2ce_distill.trainer import Trainer
 
 SHRINK = ["train.batch_size=8", "critic.channels=[8, 16]", "critic.num_res_blocks=2"]
@@ -136,7 +136,7 @@ def plain_update(method):
     optimizers = method.optimizers()
 
     def update(term, loss, clip=None):
-        owned = [p for group in optimizers[term].param_groups for p in group["params"]]
+        owned = [p for group in optimizers[term].param_groups for p in group["params"] if p.requires_grad]
         loss.backward(inputs=owned)
         optimizers[term].step()
         optimizers[term].zero_grad(set_to_none=True)
@@ -167,6 +167,7 @@ def _spy_on_networks(method) -> dict[str, list]:
 CONDITIONAL = {
     "dxmi": ({"name": "dxmi", "num_steps": 2, "sampler_steps_from": 0}, SHRINK),
     "sid": ({"name": "sid", "adversarial": True}, ["train.batch_size=8"]),
+    "dmd2": ({"name": "dmd2", "num_steps": 2, "adversarial": True}, ["train.batch_size=8"]),
 }
 
 
@@ -189,7 +190,7 @@ def test_labels_reach_every_network(name, recipe_file, vp_cond_teacher):
             assert got is not None, f"{key} was called without labels"
             assert len(got) == rows
             assert set(got.tolist()) <= set(labels.tolist()) | {10}, key  # the batch's labels (or the null class)
-    if name == "sid":  # guidance: the teacher also sees the null class
+    if name in ("sid", "dmd2"):  # guidance: the teacher also sees the null class
         assert any((got == 10).any() for _, got in seen["teacher.net"])
 
 

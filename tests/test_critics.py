@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from n2ce_distill.critics import ConvCritic, MLPCritic
+from n2ce_distill.critics import BottleneckHead, ConvCritic, EncoderFeatures, MLPCritic
+from n2ce_distill.errors import InputError
+from n2ce_distill.nets import ToyMLP, tiny_unet
 
 
 def tiny_conv(**kw):
@@ -132,3 +134,53 @@ def test_output_scale_is_learned_and_multiplies_the_logit():
         base = critic(x)
         critic.output_scale.mul_(3.0)
         torch.testing.assert_close(critic(x), 3.0 * base)
+
+
+# ---------------------------------------------------------------------------------- encoder critics (SiDA, DMD2)
+
+@pytest.mark.parametrize("size, mid", [(8, 4), (16, 8)])
+def test_encoder_features_are_the_mid_block_input(size, mid):
+    """EncoderFeatures holds the mid block's input of the net's latest forward, at the mid block's resolution."""
+    torch.manual_seed(0)
+    unet = tiny_unet(size, 1, block_out_channels=(8, 16), norm_num_groups=4)
+    encoder = EncoderFeatures(unet, "method.adversarial")
+    with pytest.raises(RuntimeError, match="has not run"):
+        encoder.read()
+    seen = []
+    unet.mid_block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        unet(torch.randn(3, 1, size, size), torch.tensor([10, 500, 900]))
+        assert encoder.read().shape == (3, 16, mid, mid)
+        torch.testing.assert_close(encoder.read(), seen[0], rtol=0, atol=0)
+        unet(torch.randn(2, 1, size, size), torch.tensor([10, 500]))
+    assert encoder.read().shape[0] == 2  # the latest pass
+
+
+def test_encoder_features_need_a_mid_block():
+    with pytest.raises(InputError, match=r"^method\.adversarial: .*mid block"):
+        EncoderFeatures(ToyMLP(2), "method.adversarial")
+
+
+@pytest.mark.parametrize("channels, h", [(16, 4), (64, 2), (48, 8)])
+def test_bottleneck_head_starts_at_zero_and_reads_any_size(channels, h):
+    """One logit per sample at any bottleneck size; 0 at initialisation (ratio 1), and its read-out is the only
+    thing that learns at the first step (zero read-out weights give the convolution no gradient yet)."""
+    torch.manual_seed(0)
+    head = BottleneckHead(channels)
+    features = torch.randn(5, channels, h, h)
+    logits = head(features)
+    assert logits.shape == (5,) and torch.equal(logits, torch.zeros(5))
+    logits.sum().backward()
+    assert head.out.weight.grad.abs().sum() > 0
+    assert head.conv.weight.grad.abs().sum() == 0
+    assert sum(p.numel() for p in head.parameters()) == 9 * channels**2 + 4 * channels + 1
+
+
+def test_bottleneck_head_is_translation_invariant_on_the_torus():
+    """The spatial mean makes the logit ignore where a feature sits (with circular padding, exactly)."""
+    torch.manual_seed(0)
+    head = BottleneckHead(8)
+    head.conv.padding_mode = "circular"
+    torch.nn.init.normal_(head.out.weight)
+    features = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(head(features), head(features.roll(shifts=(1, 2), dims=(2, 3))))

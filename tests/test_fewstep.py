@@ -70,3 +70,19 @@ def test_eta_zero_starts_from_the_ddim_mean():
     sampler = FewStepSampler(exact_gaussian_denoiser(), sigmas, last_scale=None, eta=0.0)
     torch.testing.assert_close(sampler.sigma_down, sigmas[1:])  # the whole next noise level goes to the mean
     torch.testing.assert_close(sampler.scales(), torch.full((4,), 1e-3))  # only the floor of the learned scale
+
+
+def test_renoise_denoises_then_noises_afresh_to_the_next_level():
+    """DMD2's sampler: x_{k+1} = D(x_k; sigma_k) + sigma_{k+1} z with fixed scales (nothing to learn)."""
+    sigmas = karras_sigmas(3, 0.002, 80.0)
+    denoiser = exact_gaussian_denoiser()
+    sampler = FewStepSampler(denoiser, sigmas, renoise=True)
+    assert not sampler.log_scales.requires_grad
+    torch.testing.assert_close(sampler.scales(), sigmas[1:])
+    draws = torch.randn(4, 5, 2, generator=torch.Generator().manual_seed(0))
+    queue = iter(draws)
+    out = sampler.sample(5, noise=lambda shape: next(queue))
+    x = sigmas[0] * draws[0]
+    for k in range(3):
+        x = x * 0.25 / (0.25 + sigmas[k] ** 2) + sigmas[k + 1] * draws[k + 1]
+    torch.testing.assert_close(out, x)

@@ -8,11 +8,12 @@ from n2ce_distill.pipelines import FewStepPipeline, load_sample_source
 from n2ce_distill.samplers import few_step_sigmas
 
 
-@pytest.fixture(params=[("vp_teacher", 1.0), ("edm_unet_teacher", 1.0), ("toy_teacher", 1.0), ("vp_teacher", 0.0)])
+@pytest.fixture(params=[("vp_teacher", 1.0, False), ("edm_unet_teacher", 1.0, False), ("toy_teacher", 1.0, False),
+                        ("vp_teacher", 0.0, False), ("edm_unet_teacher", 1.0, True)])
 def sampler(request):
-    teacher, eta = request.param
+    teacher, eta, renoise = request.param  # renoise: DMD2's sampler
     denoiser = load_denoiser(request.getfixturevalue(teacher))
-    sampler = FewStepSampler(denoiser, few_step_sigmas(denoiser, 3), last_scale=1e-3, eta=eta)
+    sampler = FewStepSampler(denoiser, few_step_sigmas(denoiser, 3), last_scale=1e-3, eta=eta, renoise=renoise)
     with torch.no_grad():
         sampler.log_scales[:-1] += 0.3  # learned scales must survive the export
     return sampler

@@ -8,29 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from n2ce_distill.config import load_recipe
-from n2ce_distill.methods.sid import SiD, EncoderLogits
-from n2ce_distill.nets import tiny_unet
+from n2ce_distill.methods.sid import SiD
 from n2ce_distill.objectives import N2CE, NCE, build_generator_loss
 
 SHAPE = (1, 8, 8)  # digits
 B = 4
-TINY = [f"train.batch_size={B}"]
 
 
 @pytest.fixture
-def make_sid(recipe_file, vp_teacher):
+def make_sid(tiny_method):
     """Build a SiD on a tiny teacher (the 8x8 VP one by default) with extra dotted overrides."""
-
-    def make(*overrides: str, teacher=vp_teacher, data: str = "digits") -> SiD:
-        path = recipe_file({"method": {"name": "sid"}, "data": {"name": data}, "teacher": {"path": str(teacher)}})
-        torch.manual_seed(0)
-        method = SiD(load_recipe(path, [*TINY, *overrides]), (2,) if data != "digits" else SHAPE)
-        for module in method.frozen.values():  # as the trainer does
-            module.eval()
-        return method
-
-    return make
+    return lambda *overrides, **kw: tiny_method(SiD, "sid", *overrides, **kw)
 
 
 def make_update(method, calls: list):
@@ -97,20 +85,16 @@ def test_sid_term_is_nonzero_once_fake_score_moves(make_sid):
 
 # ---------------------------------------------------------------------------------------------- encoder logits
 
-@pytest.mark.parametrize("size, mid", [(8, 4), (16, 8)])
-def test_encoder_logits_are_mid_block_input_channel_mean(size, mid):
-    """EncoderLogits reads the mid block's input: (B, h, w) at the mid block's resolution, channel-mean."""
-    torch.manual_seed(0)
-    unet = tiny_unet(size, 1, block_out_channels=(8, 16), norm_num_groups=4)
-    encoder = EncoderLogits(unet)
-    seen = []
-    unet.mid_block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+def test_critic_logits_are_the_encoder_features_channel_mean(make_sid):
+    """SiDA's critic has no weights of its own: its logits are the channel mean of the fake score network's
+    bottleneck, (B, h, w) at the mid block's resolution."""
+    method = make_sid()
+    fake = method.nets.read["fake_score"]
     with torch.no_grad():
-        unet(torch.randn(3, 1, size, size), torch.tensor([10, 500, 900]))
-    logits = encoder.logits()
-    assert seen[0].shape == (3, 16, mid, mid)
-    assert logits.shape == (3, mid, mid)
-    torch.testing.assert_close(logits, seen[0].mean(dim=1), rtol=0, atol=0)
+        fake(torch.randn(3, *SHAPE), torch.tensor([0.1, 1.0, 10.0]))
+    features = method.encoder.read()
+    assert features.shape[0] == 3 and features.shape[2:] == (4, 4)  # the 8x8 UNet's mid block runs at 4x4
+    torch.testing.assert_close(method._critic_logits(), features.float().mean(dim=1), rtol=0, atol=0)
 
 
 def test_toy_teacher_without_mid_block_is_rejected(make_sid, toy_teacher):
@@ -254,9 +238,9 @@ def test_logit_clamp_is_centred_on_log_m(make_sid, objective, M):
     log_m = math.log(M)
     logits = torch.tensor([1e6, -1e6, log_m + 1.0, log_m - 2.5, log_m])
     expected = torch.tensor([log_m + c, log_m - c, log_m + 1.0, log_m - 2.5, log_m])
-    torch.testing.assert_close(method._critic_logits(logits), expected)
+    torch.testing.assert_close(method._clamped(logits), expected)
     unclamped = make_sid(f"critic.objective={objective}", f"critic.M={M}")
-    assert torch.equal(unclamped._critic_logits(logits), logits)
+    assert torch.equal(unclamped._clamped(logits), logits)
 
 
 def test_logit_clamp_bounds_logged_logits(make_sid):

@@ -179,7 +179,7 @@ def test_critic_regime_is_logged_and_said_once(dxmi_recipe, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert err.count(said) == 1
     regime = "linear" if scale else "chasm"
-    assert err.count(f"critic regime over 12 logged steps: ") == 1 and f"{regime} 100%" in err
+    assert err.count("critic regime over 12 logged steps: ") == 1 and f"{regime} 100%" in err
     events = EventAccumulator(str(next((tmp_path / "logs").rglob("events.out.tfevents*")).parent))
     events.Reload()
     logged = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("critic/")}

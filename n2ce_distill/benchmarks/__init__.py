@@ -10,8 +10,8 @@
   each objective; exact KL against iterations (does the objective matter inside the chasm?).
 - ``train_step RECIPE [key=value ...]``: FLOPs and time of one training iteration of any recipe, per phase, in
   fp32 and bf16, as a fraction of the machine's measured matmul peak; and of sampling (see :mod:`.train_step`).
-- ``dxmi_toy``, ``dxmi_digits``, ``sid_digits``: distillation with cd / nce / n2ce (or GAN / NCE / N²CE
-  adversarial critics) at equal iterations over seeds (see :mod:`.distill`).
+- ``dxmi_toy``, ``dxmi_digits``, ``sid_digits``, ``dmd2_digits``: distillation with cd / nce / n2ce (or GAN /
+  NCE / N²CE adversarial critics) at equal iterations over seeds (see :mod:`.distill`).
 """
 
 from __future__ import annotations
@@ -50,5 +50,6 @@ BENCHMARKS = _Registry({
     "dxmi_toy": "distill:run_dxmi_toy",
     "dxmi_digits": "distill:run_dxmi_digits",
     "sid_digits": "distill:run_sid_digits",
+    "dmd2_digits": "distill:run_dmd2_digits",
     "train_step": "train_step:run",
 })

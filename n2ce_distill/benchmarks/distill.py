@@ -3,6 +3,7 @@
 - ``dxmi_toy``: DxMI T = 4 on 8 Gaussians (shipped EDM teacher): SW2, exact NLL and mode coverage;
 - ``dxmi_digits``: DxMI T = 4 on digits (shipped DDPM teacher): FID on digits features;
 - ``sid_digits``: one-step SiD alone and SiDA with a GAN, NCE or N²CE critic on digits: FID.
+- ``dmd2_digits``: one-step DMD2 without a GAN term, with a GAN head and with an N²CE head on digits: FID.
 
 Every variant trains from the same recipe with one key changed, checkpoints every ``eval_every``
 steps, and each checkpoint's exported pipeline is evaluated, so curves against iterations come out
@@ -32,7 +33,7 @@ from ..shipped import shipped
 from ..toy_metrics import eight_gaussians_report
 from ..trainer import Trainer
 
-__all__ = ["run_dxmi_toy", "run_dxmi_digits", "run_sid_digits", "curve_report", "fid_log_report"]
+__all__ = ["run_dxmi_toy", "run_dxmi_digits", "run_sid_digits", "run_dmd2_digits", "curve_report", "fid_log_report"]
 
 Metric = Callable[[Callable], dict[str, float]]
 
@@ -40,6 +41,7 @@ TOY_STEPS = 1500  # iterations per run (full mode), the recipe's; curves are sco
 DIGITS_STEPS = 2000  # the recipe's length: FID rises between 500 and 1100, then falls lower
 SID_STEPS = 200
 SID_REACH = 12.0  # FID that "iterations to reach" counts for the one-step students
+DMD2_STEPS = 500  # five fake-score updates per generator update: 100 generator updates
 
 
 @dataclass
@@ -288,3 +290,21 @@ def run_sid_digits(quick: bool, out: Path) -> str:
         reach=None if quick else SID_REACH,
     )
     return _run(setting, _fid_metric(200 if quick else 1000), Path(out), "sid digits")
+
+
+def run_dmd2_digits(quick: bool, out: Path) -> str:
+    setting = Setting(
+        recipe="digits_dmd2_n2ce.yaml", teacher="digits-teacher",
+        variants={
+            "DMD2 (no GAN)": ["method.adversarial=false"],
+            "DMD2 + GAN (= NCE)": ["critic.objective=gan"],
+            "DMD2 + N2CE (M=100)": [],
+        },
+        metric_name="fid", steps=10 if quick else DMD2_STEPS, eval_every=5 if quick else DMD2_STEPS // 5,
+        seeds=(0,) if quick else (0, 1, 2),
+        baselines={"DDIM 4 steps": {"steps": 4, "method": "euler"}},
+        cached={} if quick else _digits_teacher_1000(),
+        overrides=QUICK_OVERRIDES if quick else (),
+        reach=None if quick else SID_REACH,
+    )
+    return _run(setting, _fid_metric(200 if quick else 1000), Path(out), "dmd2 digits")

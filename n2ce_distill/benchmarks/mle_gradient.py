@@ -19,7 +19,6 @@ trajectories from ``mu = (1, 0)`` for each M against the MLE trajectory.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

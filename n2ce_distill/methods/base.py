@@ -6,6 +6,7 @@ A :class:`Method` never touches devices, processes, checkpoints or logging; the 
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,16 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..config import CriticConfig, RecipeConfig
+from ..critics import EncoderFeatures
 from ..data import balanced_labels
 from ..denoisers import Denoiser, load_denoiser
 from ..errors import InputError
+from ..fewstep import FewStepSampler
 from ..objectives import CriticObjective, build_objective
+from ..pipelines import FewStepPipeline
 
-__all__ = ["Method", "Nets", "Processes", "StepOutput", "Update", "critic_objective", "load_teacher", "unwrap"]
+__all__ = ["Method", "Nets", "Processes", "ScoreDistillation", "StepOutput", "StudentMethod", "Update", "critic_objective",
+           "load_teacher", "unwrap"]
 
 
 class Update(Protocol):
@@ -177,6 +182,41 @@ class Method(ABC):
 
     def load_extra_state(self, state: dict) -> None:
         del state
+
+
+class StudentMethod(Method):
+    """A distillation method whose exported network is a :class:`~n2ce_distill.fewstep.FewStepSampler` (DxMI's,
+    SiD's and DMD2's students): it samples every class equally often and exports as a :class:`FewStepPipeline`."""
+
+    def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return model.sample(batch_size, generator=generator, class_labels=self.sample_labels(batch_size, model.sigmas.device))
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        FewStepPipeline.from_sampler(model).save_pretrained(directory)
+
+
+class ScoreDistillation(StudentMethod):
+    """SiD's and DMD2's networks: the frozen teacher (the real score), and a fake score network and a generator
+    (:meth:`build_generator`) both initialised from it; with ``method.adversarial``, a critic reads the fake score
+    network's bottleneck through ``self.encoder``. The generator is the EMA network."""
+
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
+        super().__init__(recipe, num_classes)
+        teacher = load_teacher(recipe, sample_shape, num_classes)
+        self.frozen["teacher"] = teacher.requires_grad_(False)
+        self.nets["fake_score"] = copy.deepcopy(teacher).requires_grad_(True)
+        self.nets["generator"] = self.build_generator(copy.deepcopy(teacher).requires_grad_(True))
+        fake = self.nets.read["fake_score"].net
+        self.encoder = EncoderFeatures(fake, "method.adversarial") if recipe.method.adversarial else None
+        self.objective = critic_objective(recipe.critic)
+
+    @abstractmethod
+    def build_generator(self, denoiser: Denoiser) -> FewStepSampler:
+        """The generator around ``denoiser`` (the teacher's copy that it trains)."""
+
+    @property
+    def ema_name(self) -> str:
+        return "generator"
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -27,7 +27,6 @@ and the correction ``U(x, k, y)`` are projection-conditional and the sampler is 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,16 +34,16 @@ from torch import nn
 from ..config import RecipeConfig
 from ..critics import build_critic
 from ..fewstep import FewStepSampler
-from ..pipelines import FewStepPipeline, clamp_images
+from ..pipelines import clamp_images
 from ..samplers import few_step_sigmas
-from .base import Method, StepOutput, Update, critic_objective, load_teacher
+from .base import StepOutput, StudentMethod, Update, critic_objective, load_teacher
 
 __all__ = ["DxMI"]
 
 SAMPLER_CLIP = 0.1  # DxMI clips the sampler's gradient norm at 0.1
 
 
-class DxMI(Method):
+class DxMI(StudentMethod):
     def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
         super().__init__(recipe, num_classes)
         opts = recipe.method
@@ -171,12 +170,6 @@ class DxMI(Method):
         # the learned noise scales (after this update): on digits s_0 grew whenever the early steps trained
         logs.update({f"scale_{i}": s.detach() for i, s in enumerate(bare_sampler.scales())})
         return StepOutput(logs, critic_logits)
-
-    def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return model.sample(batch_size, generator=generator, class_labels=self.sample_labels(batch_size, model.sigmas.device))
-
-    def export(self, model: nn.Module, directory: Path) -> None:
-        FewStepPipeline.from_sampler(model).save_pretrained(directory)
 
     def extra_state(self) -> dict:
         return {"velocity": self.velocity.tolist()}

@@ -23,59 +23,30 @@ features computed with them.
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import torch
-from torch import nn
 
 from ..config import RecipeConfig
-from ..errors import InputError
+from ..denoisers import Denoiser
 from ..fewstep import FewStepSampler
 from ..objectives import generator_reverse_kl
-from ..pipelines import FewStepPipeline
-from .base import Method, StepOutput, Update, critic_objective, load_teacher
+from ..samplers import karras_ramp
+from .base import ScoreDistillation, StepOutput, Update
 
-__all__ = ["SiD", "EncoderLogits"]
+__all__ = ["SiD"]
 
 FAKE_P_MEAN, FAKE_P_STD = -1.2, 1.2  # fake-score noise levels: EDM's training distribution
 MIN_NORMALISER = 1e-5  # floor on w = mean |x_g - D_phi|
 
 
-class EncoderLogits:
-    """Captures a UNet's mid-block input on each forward; its channel mean is a per-position logit map."""
-
-    def __init__(self, unet: nn.Module):
-        mid = getattr(unet, "mid_block", None)
-        if mid is None:
-            raise InputError("method.adversarial: the SiDA critic needs a UNet teacher with a mid block (set it false)")
-        self.features: torch.Tensor | None = None
-        mid.register_forward_pre_hook(self._capture)
-
-    def _capture(self, module: nn.Module, args: tuple) -> None:
-        self.features = args[0]
-
-    def logits(self) -> torch.Tensor:
-        return self.features.float().mean(dim=1)  # (B, h, w)
-
-
-class SiD(Method):
+class SiD(ScoreDistillation):
     def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
-        super().__init__(recipe, num_classes)
-        opts = recipe.method
-        teacher = load_teacher(recipe, sample_shape, num_classes)
-        self.frozen["teacher"] = teacher.requires_grad_(False)
-        self.nets["fake_score"] = copy.deepcopy(teacher).requires_grad_(True)
-        sigmas = torch.tensor([opts.sigma_init, 0.0])
-        self.nets["generator"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, last_scale=0.0)
-        self.encoder = EncoderLogits(self.nets.read["fake_score"].net) if opts.adversarial else None
-        self.objective = critic_objective(recipe.critic)
+        super().__init__(recipe, sample_shape, num_classes)
         # nonsat: the objective's own consistent term (softplus(log M - l) for N²CE); kl: the reward -l
-        self.generator_term = self.objective.generator_loss if opts.generator_loss == "nonsat" else generator_reverse_kl
+        nonsat = recipe.method.generator_loss == "nonsat"
+        self.generator_term = self.objective.generator_loss if nonsat else generator_reverse_kl
 
-    @property
-    def ema_name(self) -> str:
-        return "generator"
+    def build_generator(self, denoiser: Denoiser) -> FewStepSampler:
+        return FewStepSampler(denoiser, torch.tensor([self.recipe.method.sigma_init, 0.0]), last_scale=0.0)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {name: self.adam(**{name: self.nets.read[name].parameters()}) for name in ("fake_score", "generator")}
@@ -85,7 +56,12 @@ class SiD(Method):
         steps = torch.zeros(batch_size, dtype=torch.long, device=device)
         return self.nets.train["generator"](self.recipe.method.sigma_init * z, steps, torch.zeros_like(z), labels)
 
-    def _critic_logits(self, logits: torch.Tensor) -> torch.Tensor:
+    def _critic_logits(self) -> torch.Tensor:
+        """The critic's per-position logits ``(B, h, w)``: the channel mean of the fake score network's encoder
+        features (no weights of its own), clamped where ``method.logit_clamp``."""
+        return self._clamped(self.encoder.read().float().mean(dim=1))
+
+    def _clamped(self, logits: torch.Tensor) -> torch.Tensor:
         clamp = self.recipe.method.logit_clamp
         if clamp is None:
             return logits
@@ -111,7 +87,7 @@ class SiD(Method):
         logs = {"loss_fake_score": fake_loss.detach()}
         critic_logits = None
         if self.encoder is not None:
-            logits_fake, logits_real = self._critic_logits(self.encoder.logits()).split(B)
+            logits_fake, logits_real = self._critic_logits().split(B)
             positions = logits_real[0].numel()  # the objectives average over positions: sum them instead
             critic_loss = positions * self.objective(logits_real, logits_fake, weight_data=weight, weight_noise=weight)
             fake_loss = fake_loss + opts.critic_weight * critic_loss
@@ -124,8 +100,7 @@ class SiD(Method):
             return StepOutput(logs, critic_logits)
         x_g = self._generate(B, device, labels)
         t = opts.t_max * self.processes.draw(lambda n: torch.rand(n, device=device), B)
-        lo, hi = opts.sigma_min ** (1 / 7), opts.sigma_max ** (1 / 7)
-        sigma = (hi + (1 - t) * (lo - hi)) ** 7
+        sigma = karras_ramp(1 - t, opts.sigma_min, opts.sigma_max)
         x_t = x_g + view(sigma) * self.processes.randn(B, *batch.shape[1:], device=device)
         # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction, and
         # reading() keeps autograd from building a graph for its weights (the encoder's logits come from this pass)
@@ -138,15 +113,9 @@ class SiD(Method):
         generator_loss = sid_loss
         logs["loss_sid"] = sid_loss.detach()
         if self.encoder is not None and images_seen >= opts.adversarial_warmup_images:
-            logits = self._critic_logits(self.encoder.logits())
+            logits = self._critic_logits()
             adversarial = logits[0].numel() * self.generator_term(logits, weight=1 / w)
             generator_loss = (1 - opts.adv_weight) * sid_loss + opts.adv_weight * adversarial
             logs["loss_adversarial"] = adversarial.detach()
         update("generator", generator_loss)
         return StepOutput(logs, critic_logits)
-
-    def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return model.sample(batch_size, generator=generator, class_labels=self.sample_labels(batch_size, model.sigmas.device))
-
-    def export(self, model: nn.Module, directory: Path) -> None:
-        FewStepPipeline.from_sampler(model).save_pretrained(directory)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, EDMEulerScheduler
+from diffusers import DDPMScheduler
 from torch import nn
 
 from ..config import RecipeConfig
