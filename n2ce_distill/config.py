@@ -50,6 +50,7 @@ class _Strict(BaseModel):
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]  # a weight or a noise level of inf passes gt=0 / ge=0
 # Adam moves each parameter by about the learning rate per step: above 1 no recipe means it (1e38 passed once)
 LearningRate = Annotated[float, Field(gt=0, le=1)]
 
@@ -293,20 +294,19 @@ class DMD2Config(_MethodSection):
 
     name: Literal["dmd2"]
     num_steps: int = Field(1, ge=1)  # 1: one-step; more: few-step, trained by backward simulation
-    # the generator's first level (its input sigma_init z): None is the teacher's sigma_max, as DMD2 on EDM and SD.
-    # A VP-epsilon teacher's x0 = x - sigma eps is ill-conditioned there (sigma_max ~ 157 for 1000 DDPM steps):
-    # SiD's 2.5 is the digits recipe's (measured: FID rose from 169 to 209 over 150 iterations from sigma_max)
-    sigma_init: PositiveFloat | None = None
-    spacing: Annotated[str, AfterValidator(_registered(SPACINGS, "spacing"))] = "auto"  # the few-step levels
+    # the generator's first level (its input sigma_init z): None is the teacher's sigma_max, as DMD2 on EDM and SD;
+    # the other levels follow evenly on the Karras ramp below it, as DMD2's timesteps 999, 749, 499, 249. A
+    # VP-epsilon teacher's x0 = x - sigma eps is ill-conditioned at its sigma_max (~157 for 1000 DDPM steps)
+    sigma_init: Finite | None = Field(None, gt=0)
     fake_updates_per_step: int = Field(5, ge=1)  # two time-scale rule: DMD2's dfake_gen_update_ratio (ImageNet)
     # the Karras ramp (rho 7) that the noise levels are drawn on: DMD2's EDM grid
-    sigma_min: PositiveFloat = 0.002
-    sigma_max: PositiveFloat = 80.0
+    sigma_min: Finite = Field(0.002, gt=0)
+    sigma_max: Finite = Field(80.0, gt=0)
     dm_t_min: float = Field(0.02, ge=0, lt=1)  # distribution matching at t ~ U[dm_t_min, dm_t_max] on the ramp
     dm_t_max: float = Field(0.98, gt=0, le=1)  # (DMD2: min/max_step_percent); the fake score at t ~ U[0, 1]
     adversarial: bool = True  # the GAN critic: a head on the fake score network's bottleneck
-    critic_weight: float = Field(1e-2, ge=0)  # fake-score loss + this x critic loss (DMD2's cls_loss_weight)
-    adversarial_weight: float = Field(3e-3, ge=0)  # generator: DM + this x adversarial (gen_cls_loss_weight)
+    critic_weight: Finite = Field(1e-2, ge=0)  # fake-score loss + this x critic loss (DMD2's cls_loss_weight)
+    adversarial_weight: Finite = Field(3e-3, ge=0)  # generator: DM + this x adversarial (gen_cls_loss_weight)
     adversarial_warmup_images: int = Field(0, ge=0)  # the generator's adversarial term waits this long
 
     # the critic is a head on the fake score network's encoder (trained with it at optim.fake_score.lr)
@@ -327,7 +327,7 @@ MethodConfig = Annotated[Union[TeacherTrainingConfig, DxMIConfig, SiDConfig, DMD
 
 class RecipeConfig(_Strict):
     method: MethodConfig
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seed range
     data: DataConfig
     teacher: TeacherConfig | None = None  # required by distillation methods
     critic: CriticConfig = Field(default_factory=CriticConfig)

@@ -54,6 +54,8 @@ def test_one_key_swaps_the_objective(base):
         ("critic.objective=bce", "critic.objective: unknown objective 'bce'; choose from cd, gan, n2ce, nce, nwj"),
         ("teacher.path=assets/missing-teacher", "teacher.path: folder 'assets/missing-teacher' not found"),
         ("data.name=image-folder", "data.root: the image-folder data set needs a folder"),
+        ("seed=-5", "seed: Input should be greater than or equal to 0"),
+        ("seed=4294967296", "seed: Input should be less than 4294967296"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(base, override, message):

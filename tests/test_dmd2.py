@@ -171,13 +171,26 @@ def test_backward_simulation_runs_the_students_own_first_steps(make_dmd2, edm_un
     assert set(drawn) == {0, 1, 2}
 
 
-def test_sigma_init_replaces_the_first_level(make_dmd2, edm_unet_teacher):
-    one = make_dmd2("method.sigma_init=2.5")
-    assert one.nets.read["generator"].sigmas.tolist() == [2.5, 0.0]
-    default = make_dmd2(teacher=edm_unet_teacher)
-    assert default.nets.read["generator"].sigmas[0] == pytest.approx(80.0)  # the teacher's sigma_max, as DMD2
-    with pytest.raises(InputError, match=r"^method\.sigma_init: 0\.01 must exceed the second of the 3 levels"):
-        make_dmd2("method.num_steps=3", "method.sigma_init=0.01", teacher=edm_unet_teacher)
+def test_levels_start_at_sigma_init_and_step_evenly_down_the_ramp(make_dmd2, edm_unet_teacher):
+    """T levels at t = k/T on the Karras ramp from sigma_0 down to the teacher's sigma_min (which is never a level:
+    re-noising there would change nothing), then 0; sigma_0 is sigma_init, else the teacher's sigma_max (DMD2)."""
+    assert make_dmd2("method.sigma_init=2.5").nets.read["generator"].sigmas.tolist() == [2.5, 0.0]
+    default = make_dmd2(teacher=edm_unet_teacher).nets.read["generator"]
+    assert default.sigmas.tolist() == pytest.approx([80.0, 0.0])  # the teacher's sigma_max, as DMD2
+    four = make_dmd2("method.num_steps=4", teacher=edm_unet_teacher).nets.read["generator"].sigmas
+    expected = karras_ramp(torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=torch.float64), 0.002, 80.0)
+    torch.testing.assert_close(four, torch.cat([expected, torch.zeros(1, dtype=torch.float64)]).float())
+    assert four[3] > 0.1  # the last re-noised step still has work to do
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.sigma_init=1000", r"^method\.sigma_init: 1000 is outside the teacher's noise range \(0\.002, 80\]"),
+    ("method.sigma_init=0.001", r"^method\.sigma_init: 0\.001 is outside"),
+    ("method.sigma_max=1000", r"^method\.sigma_max: 1000 is above the teacher's largest noise level 80"),
+])
+def test_levels_outside_the_teachers_range_are_refused(make_dmd2, edm_unet_teacher, override, message):
+    with pytest.raises(InputError, match=message):
+        make_dmd2(override, teacher=edm_unet_teacher)
 
 
 # --------------------------------------------------------------------------------------------------- GAN critic
@@ -234,6 +247,9 @@ def test_toy_teacher_has_no_bottleneck_for_the_head(make_dmd2, toy_teacher):
     ("method.fake_updates_per_step=0", r"^method\.fake_updates_per_step: "),
     ("critic.channels=[8]", r"^critic\.channels: not used by method 'dmd2'"),
     ("method.adv_weight=0.5", r"^method\.adv_weight: unknown key; did you mean 'method\.adversarial_weight'\?"),
+    ("method.adversarial_weight=.inf", r"^method\.adversarial_weight: Input should be a finite number"),
+    ("method.critic_weight=.nan", r"^method\.critic_weight: Input should be a finite number"),
+    ("method.spacing=karras", r"^method\.spacing: unknown key"),
 ])
 def test_bad_recipes_are_one_line_errors(recipe_file, vp_teacher, override, message):
     path = recipe_file({"method": {"name": "dmd2", "dm_t_max": 0.5}, "data": {"name": "digits"},

@@ -346,3 +346,13 @@ def test_sampler_warmup_trains_the_critic_alone(make_dxmi):
     calls = []
     method.training_step(data_batch(), 2, make_update(method, calls))
     assert [optimizer for _, optimizer, _, _ in calls] == ["critic", "value", "sampler"]
+
+
+def test_a_spacing_the_teacher_cannot_give_names_the_key(recipe_file, edm_unet_teacher):
+    """Uniform spacing picks discrete VP timesteps: on an EDM teacher it is a one-line error naming method.spacing."""
+    from n2ce_distill.errors import InputError
+
+    path = recipe_file({"method": {"name": "dxmi", "num_steps": 2, "spacing": "uniform"}, "data": {"name": "digits"},
+                        "teacher": {"path": str(edm_unet_teacher)}})
+    with pytest.raises(InputError, match=r"^method\.spacing: uniform spacing needs a discrete-time \(VP\) denoiser"):
+        DxMI(load_recipe(path, TINY), SHAPE)

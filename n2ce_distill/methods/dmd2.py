@@ -5,8 +5,9 @@ Networks: the frozen teacher ``D_phi`` (the real score); a fake score network ``
 BottleneckHead` ``h`` on ``D_psi``'s bottleneck (the features SiDA's critic reads), giving one logit per sample.
 
 The generator is a :class:`~n2ce_distill.fewstep.FewStepSampler` that re-noises: ``x_0 = sigma_0 z``,
-``x_{k+1} = G(x_k; sigma_k) + sigma_{k+1} z'`` over the recipe's ``T = method.num_steps`` levels (one step:
-``G(sigma_max z; sigma_max)``). Training draws its samples by backward simulation: one step index ``k`` per
+``x_{k+1} = G(x_k; sigma_k) + sigma_{k+1} z'`` over ``T = method.num_steps`` levels from ``sigma_0 =
+method.sigma_init`` (default: the teacher's ``sigma_max``) down the Karras ramp (one step: ``G(sigma_0 z;
+sigma_0)``). Training draws its samples by backward simulation: one step index ``k`` per
 iteration, ``x_k`` by running the student's own first ``k`` steps without gradients, then ``x_g = G(x_k; sigma_k)``.
 
 One iteration (two time scales: every iteration updates ``D_psi`` and ``h``; every ``fake_updates_per_step``-th,
@@ -36,7 +37,7 @@ from ..critics import BottleneckHead
 from ..denoisers import Denoiser
 from ..errors import InputError
 from ..fewstep import FewStepSampler
-from ..samplers import few_step_sigmas, karras_ramp
+from ..samplers import karras_ramp
 from .base import ScoreDistillation, StepOutput, Update
 from .sid import MIN_NORMALISER
 
@@ -51,14 +52,17 @@ class DMD2(ScoreDistillation):
         self._generator_logs: dict[str, torch.Tensor] = {}
 
     def build_generator(self, denoiser: Denoiser) -> FewStepSampler:
-        opts = self.recipe.method
-        sigmas = few_step_sigmas(denoiser, opts.num_steps, spacing=opts.spacing)
-        if opts.sigma_init is not None:
-            if opts.num_steps > 1 and opts.sigma_init <= sigmas[1]:
-                raise InputError(f"method.sigma_init: {opts.sigma_init:g} must exceed the second of the "
-                                 f"{opts.num_steps} levels ({float(sigmas[1]):g})")
-            sigmas[0] = opts.sigma_init
-        return FewStepSampler(denoiser, sigmas, renoise=True)
+        """``T`` levels evenly spaced on the Karras ramp from the first level (``method.sigma_init``, else the
+        teacher's ``sigma_max``) down, without the ramp's end: a re-noised step at the teacher's ``sigma_min``
+        would change nothing."""
+        opts, low, high = self.recipe.method, denoiser.sigma_min, denoiser.sigma_max
+        first = high if opts.sigma_init is None else opts.sigma_init
+        if not low < first <= high:
+            raise InputError(f"method.sigma_init: {first:g} is outside the teacher's noise range ({low:g}, {high:g}]")
+        if opts.sigma_max > high * (1 + 1e-6):
+            raise InputError(f"method.sigma_max: {opts.sigma_max:g} is above the teacher's largest noise level {high:g}")
+        levels = karras_ramp(torch.arange(opts.num_steps, dtype=torch.float64) / opts.num_steps, low, first)
+        return FewStepSampler(denoiser, torch.cat([levels, levels.new_zeros(1)]), renoise=True)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         # the head trains with the fake score network, as DMD2's guidance optimiser holds both

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import RecipeConfig
 from ..critics import build_critic
+from ..errors import InputError
 from ..fewstep import FewStepSampler
 from ..pipelines import clamp_images
 from ..samplers import few_step_sigmas
@@ -48,7 +49,10 @@ class DxMI(StudentMethod):
         super().__init__(recipe, num_classes)
         opts = recipe.method
         teacher = load_teacher(recipe, sample_shape, num_classes)
-        sigmas = few_step_sigmas(teacher, opts.num_steps, spacing=opts.spacing)
+        try:
+            sigmas = few_step_sigmas(teacher, opts.num_steps, spacing=opts.spacing)
+        except ValueError as error:  # a spacing this teacher's schedule cannot give
+            raise InputError(f"method.spacing: {error}") from None
         self.nets["sampler"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, opts.last_scale,
                                               eta=opts.eta, guidance_scale=recipe.teacher.guidance_scale)
         self.nets["critic"] = build_critic(recipe.critic, sample_shape, num_classes=num_classes)
