@@ -1,7 +1,7 @@
 """n2ce_distill: N²CE critics ("noisier" NCE, noise magnified by M) for diffusion distillation.
 
 The objectives are small callables on critic logits ``l = log p_data / q``; everything else
-(critics, denoisers, samplers, DxMI and SiD loops, the trainer, FID) builds on them.
+(critics, denoisers, samplers, DxMI, SiD and DMD2 loops, the trainer, FID) builds on them.
 """
 
 import importlib

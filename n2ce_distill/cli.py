@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     command = lambda name, text: sub.add_parser(  # noqa: E731
         name, help=text, description=text, formatter_class=_Help)
 
-    train = command("train", "train a recipe (teacher, dxmi or sid)")
+    train = command("train", "train a recipe (teacher, dxmi, sid or dmd2)")
     train.add_argument("recipe", help="YAML recipe (recipes/*.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. critic.objective=nce")
     train.add_argument("--output-dir", help="run folder (default: runs/<recipe name>)")
