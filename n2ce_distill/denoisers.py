@@ -27,7 +27,8 @@ from torch import nn
 from .errors import InputError
 from .nets import ToyMLP
 
-__all__ = ["C_NOISE", "Denoiser", "EDMDenoiser", "VPEpsilonDenoiser", "denoiser_from_components", "load_denoiser"]
+__all__ = ["C_NOISE", "Denoiser", "EDMDenoiser", "VPEpsilonDenoiser", "denoiser_from_components", "load_denoiser",
+           "per_sample"]
 
 # c_noise(sigma) conventions of EDM nets. The CM ports' ln(s + 1e-44) becomes a clamp (same value for s > 1e-20, no
 # fp32 denormals); at s = 0 c_out vanishes, so D = x whatever F returns.
@@ -46,8 +47,8 @@ def _sigma_vector(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return s.expand(x.shape[0]) if s.numel() == 1 else s
 
 
-def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1), broadcastable against x."""
+def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample values (B,) -> (B, 1, ..., 1), broadcastable against x (a noise level per row over its pixels)."""
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
 
@@ -143,7 +144,7 @@ class Denoiser(nn.Module, abc.ABC):
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=self._rng_device(generator)).to(x0)
         sigma = _sigma_vector(sigma, x0)
-        err = ((model or self)(x0 + _per_sample(sigma, x0) * noise, sigma, class_labels) - x0).float().square()
+        err = ((model or self)(x0 + per_sample(sigma, x0) * noise, sigma, class_labels) - x0).float().square()
         return self.loss_weight(sigma) * err.flatten(1).mean(1)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -184,8 +185,8 @@ class EDMDenoiser(Denoiser):
 
     def forward(self, x, sigma, class_labels=None):
         c_skip, c_out, c_in, c_noise = self.coefficients(_sigma_vector(sigma, x))
-        f = self.net(self._net_input(_per_sample(c_in, x) * x), c_noise, class_labels=class_labels).sample
-        return (_per_sample(c_skip, x) * x + _per_sample(c_out, x) * f.float()).to(x.dtype)
+        f = self.net(self._net_input(per_sample(c_in, x) * x), c_noise, class_labels=class_labels).sample
+        return (per_sample(c_skip, x) * x + per_sample(c_out, x) * f.float()).to(x.dtype)
 
     def sample_training_sigmas(self, n, generator=None):
         z = torch.randn(n, generator=generator, device=self._rng_device(generator))
@@ -235,9 +236,9 @@ class VPEpsilonDenoiser(Denoiser):
 
     def forward(self, x, sigma, class_labels=None):
         s = _sigma_vector(sigma, x)
-        x_vp = x / _per_sample((1 + s.square()).sqrt(), x)
+        x_vp = x / per_sample((1 + s.square()).sqrt(), x)
         eps = self.net(self._net_input(x_vp), self.sigma_to_t(s), class_labels=class_labels).sample
-        return (x - _per_sample(s, x) * eps.float()).to(x.dtype)
+        return (x - per_sample(s, x) * eps.float()).to(x.dtype)
 
     def sample_training_sigmas(self, n, generator=None):
         t = torch.randint(0, len(self.discrete_sigmas), (n,), generator=generator, device=self._rng_device(generator))

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .denoisers import Denoiser
+from .denoisers import Denoiser, per_sample
 from .samplers import ancestral_step_scales
 
 __all__ = ["FewStepSampler"]
@@ -76,7 +76,7 @@ class FewStepSampler(nn.Module):
         """Ancestral mean for a batch whose rows may sit at different steps ``k`` (LongTensor (B,))."""
         sigma = self.sigmas[k]
         x0 = self.denoiser.guided(x, sigma, class_labels, self.guidance_scale)
-        ratio = (self.sigma_down[k] / sigma).view(-1, *([1] * (x.dim() - 1)))
+        ratio = per_sample(self.sigma_down[k] / sigma, x)
         return x0 + ratio * (x - x0)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, noise: torch.Tensor,
@@ -85,7 +85,7 @@ class FewStepSampler(nn.Module):
 
         Training calls this through the module (so distributed wrappers see it); sampling uses :meth:`sample`.
         """
-        scale = self.scales()[k].view(-1, *([1] * (x.dim() - 1)))
+        scale = per_sample(self.scales()[k], x)
         return self.mean(x, k, class_labels) + scale * noise
 
     def sample(

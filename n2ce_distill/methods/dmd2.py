@@ -10,8 +10,8 @@ method.sigma_init`` (default: the teacher's ``sigma_max``) down the Karras ramp 
 sigma_0)``). Training draws its samples by backward simulation: one step index ``k`` per
 iteration, ``x_k`` by running the student's own first ``k`` steps without gradients, then ``x_g = G(x_k; sigma_k)``.
 
-One iteration (two time scales: every iteration updates ``D_psi`` and ``h``; every ``fake_updates_per_step``-th,
-from the first, also ``G``, first, on the same ``x_g``):
+One iteration (two time scales, ``K = method.fake_updates_per_step``: every iteration updates ``D_psi`` and ``h``;
+iterations 0, K, 2K, ... first update ``G``, and ``D_psi`` then trains on that same ``x_g``):
 
 1. generator (its turns): ``t ~ U[dm_t_min, dm_t_max]`` on the Karras ramp of ``[sigma_min, sigma_max]``,
    ``x_t = x_g + sigma n``; per pixel ``g = (D_psi(x_t) - D_phi(x_t)) / w`` with ``w = mean |x_g - D_phi(x_t)|`` per
@@ -34,7 +34,7 @@ import torch
 
 from ..config import RecipeConfig
 from ..critics import BottleneckHead
-from ..denoisers import Denoiser
+from ..denoisers import Denoiser, per_sample
 from ..errors import InputError
 from ..fewstep import FewStepSampler
 from ..samplers import karras_ramp
@@ -86,10 +86,11 @@ class DMD2(ScoreDistillation):
         shape = sampler.denoiser.sample_shape
         x = sampler.sigmas[0] * self.processes.randn(batch_size, *shape, device=device)
         k = self._simulated_steps(step)
-        with self.phase("simulation"), torch.no_grad():
-            for j in range(k):
-                rows = torch.full((batch_size,), j, dtype=torch.long, device=device)
-                x = sampler(x, rows, self.processes.randn(batch_size, *shape, device=device), labels)
+        if k:  # a phase of its own in the train_step benchmark, only where there is one
+            with self.phase("simulation"), torch.no_grad():
+                for j in range(k):
+                    rows = torch.full((batch_size,), j, dtype=torch.long, device=device)
+                    x = sampler(x, rows, self.processes.randn(batch_size, *shape, device=device), labels)
         rows = torch.full((batch_size,), k, dtype=torch.long, device=device)
         with torch.set_grad_enabled(grad):  # zero noise: the step's denoised sample itself
             return self.nets.train["generator"](x, rows, torch.zeros_like(x), labels)
@@ -102,9 +103,8 @@ class DMD2(ScoreDistillation):
 
     def _generator_loss(self, x_g: torch.Tensor, labels: torch.Tensor | None, step: int) -> tuple[torch.Tensor, dict]:
         opts, B = self.recipe.method, x_g.shape[0]
-        view = lambda t: t.view(-1, *([1] * (x_g.dim() - 1)))  # noqa: E731  (per-sample scalars over pixels)
         sigma = self._ramp(opts.dm_t_min, opts.dm_t_max, B, x_g.device)
-        x_t = x_g + view(sigma) * self.processes.randn(B, *x_g.shape[1:], device=x_g.device)
+        x_t = x_g + per_sample(sigma, x_g) * self.processes.randn(B, *x_g.shape[1:], device=x_g.device)
         adversarial = self.encoder is not None and step * self.recipe.train.batch_size >= opts.adversarial_warmup_images
         with torch.no_grad():
             real = self.frozen["teacher"].guided(x_t, sigma, labels, self.recipe.teacher.guidance_scale)
@@ -115,7 +115,7 @@ class DMD2(ScoreDistillation):
             fake = self.nets.read["fake_score"](x_t, sigma, labels)
             logits = self.nets.read["gan_head"](self.encoder.read()) if adversarial else None
         w = (x_g.detach() - real).abs().flatten(1).mean(1).clamp_min(MIN_NORMALISER)
-        direction = ((fake.detach() - real).float() / view(w)).nan_to_num()
+        direction = ((fake.detach() - real).float() / per_sample(w, x_g)).nan_to_num()
         dm_loss = 0.5 * (x_g.float() - (x_g.detach().float() - direction)).pow(2).mean()
         logs = {"loss_dm": dm_loss.detach()}
         if not adversarial:
@@ -128,7 +128,6 @@ class DMD2(ScoreDistillation):
                       labels: torch.Tensor | None = None) -> StepOutput:
         opts, sd = self.recipe.method, self.nets.read["fake_score"].sigma_data
         B, device = batch.shape[0], batch.device
-        view = lambda t: t.view(-1, *([1] * (batch.dim() - 1)))  # noqa: E731
         generator_turn = step % opts.fake_updates_per_step == 0
         x_g = self._generate(B, device, labels, step, grad=generator_turn)
         if generator_turn:
@@ -142,10 +141,10 @@ class DMD2(ScoreDistillation):
         weight = 1 / sigma**2 + 1 / sd**2
         halves = 2 if self.encoder is not None else 1
         noise = torch.cat([self.processes.randn(B, *batch.shape[1:], device=device) for _ in range(halves)])
-        inputs = torch.cat([x_g, batch][:halves]) + view(sigma.repeat(halves)) * noise
+        inputs = torch.cat([x_g, batch][:halves]) + per_sample(sigma.repeat(halves), noise) * noise
         denoised = self.nets.train["fake_score"](inputs, sigma.repeat(halves),
                                                  None if labels is None else labels.repeat(halves))
-        fake_loss = (view(weight) * (denoised[:B].float() - x_g.float()).pow(2)).mean()
+        fake_loss = (per_sample(weight, x_g) * (denoised[:B].float() - x_g.float()).pow(2)).mean()
         logs["loss_fake_score"] = fake_loss.detach()
         critic_logits = None
         if self.encoder is not None:

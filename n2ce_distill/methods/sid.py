@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..config import RecipeConfig
-from ..denoisers import Denoiser
+from ..denoisers import Denoiser, per_sample
 from ..fewstep import FewStepSampler
 from ..objectives import generator_reverse_kl
 from ..samplers import karras_ramp
@@ -73,7 +73,6 @@ class SiD(ScoreDistillation):
         opts, sd = self.recipe.method, self.nets.read["fake_score"].sigma_data
         B, device = batch.shape[0], batch.device
         images_seen = step * self.recipe.train.batch_size
-        view = lambda t: t.view(-1, *([1] * (batch.dim() - 1)))  # noqa: E731  (per-sample scalars over pixels)
 
         # 1. fake score (+ SiDA critic), on detached generator samples
         with torch.no_grad():
@@ -81,7 +80,7 @@ class SiD(ScoreDistillation):
         sigma = (FAKE_P_MEAN + FAKE_P_STD * self.processes.randn(B, device=device)).exp()
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
         noise = torch.cat([self.processes.randn(B, *batch.shape[1:], device=device) for _ in range(2)])
-        inputs = torch.cat([x_g, batch]) + view(sigma.repeat(2)) * noise
+        inputs = torch.cat([x_g, batch]) + per_sample(sigma.repeat(2), noise) * noise
         denoised = self.nets.train["fake_score"](inputs, sigma.repeat(2), None if labels is None else labels.repeat(2))
         fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).sum(1)).mean()
         logs = {"loss_fake_score": fake_loss.detach()}
@@ -101,7 +100,7 @@ class SiD(ScoreDistillation):
         x_g = self._generate(B, device, labels)
         t = opts.t_max * self.processes.draw(lambda n: torch.rand(n, device=device), B)
         sigma = karras_ramp(1 - t, opts.sigma_min, opts.sigma_max)
-        x_t = x_g + view(sigma) * self.processes.randn(B, *batch.shape[1:], device=device)
+        x_t = x_g + per_sample(sigma, x_g) * self.processes.randn(B, *batch.shape[1:], device=device)
         # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction, and
         # reading() keeps autograd from building a graph for its weights (the encoder's logits come from this pass)
         with self.reading(self.nets.read["fake_score"]):
