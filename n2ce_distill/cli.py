@@ -57,7 +57,8 @@ def _sample(args: argparse.Namespace) -> None:
     from .fid_inputs import to_uint8
     from .visualize import save_samples
 
-    _, source = resolve_source(args.source, class_labels=args.class_labels, guidance_scale=args.guidance_scale)
+    _, source = resolve_source(args.source, class_labels=args.class_labels, guidance_scale=args.guidance_scale,
+                               prompts=_read_prompts(args.prompts))
     generator = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
     labels = source.labels(args.num_samples)  # None for an unconditional source
@@ -89,9 +90,16 @@ def _fid(args: argparse.Namespace) -> None:
     table = evaluate_inputs(
         args.inputs, args.ref, num_samples=args.num_samples, out=Path(args.out), batch_size=args.batch_size,
         seed=args.seed, extractor=args.extractor, inception_weights=args.inception_weights, kid=args.kid, prc=args.prc,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=args.guidance_scale, prompts=_read_prompts(args.prompts),
     )
     print(table)
+
+
+def _read_prompts(path: str | None) -> list[str] | None:
+    """The prompts of ``--prompts FILE`` (one per line, in order, blank lines skipped)."""
+    from .data import read_prompts
+
+    return None if path is None else read_prompts(path, "--prompts")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -194,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
                         "class equally often); labels.json lists each image's class")
     sample.add_argument("--guidance-scale", type=float,
                         help="classifier-free guidance (default: none for a teacher, the distilled one for a student)")
+    sample.add_argument("--prompts", metavar="FILE", help="a text-conditioned student's prompts, one per line, cycled "
+                        "over the samples; labels.json lists each image's line (from 0)")
     sample.add_argument("--out", required=True, help="output folder: images/ (PNG, readable by fid) and grid.png")
     sample.set_defaults(run=_sample)
 
@@ -211,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     fid.add_argument("--inception-weights", help="local weights for inception-v3-compat (no download)")
     fid.add_argument("--guidance-scale", type=float, help="classifier-free guidance of conditional inputs (default: "
                      "none for teachers, the distilled one for students)")
+    fid.add_argument("--prompts", metavar="FILE", help="text-conditioned inputs' prompts, one per line, cycled")
     fid.add_argument("--kid", action="store_true", help="also kernel inception distance")
     fid.add_argument("--prc", action="store_true", help="also precision / recall")
     fid.add_argument("--out", default="fid-output", help="folder for fid.csv, fid.json and fid.png")

@@ -74,12 +74,29 @@ def _registered(registry: dict | tuple, kind: str):
 
 class DataConfig(_Strict):
     name: Annotated[str, AfterValidator(_registered(DATASETS, "data set"))]
-    root: str | None = None  # image-folder / cifar10 location
+    root: str | None = None  # image-folder / cifar10 location; prompts: the text file, one prompt per line
     image_size: int | None = Field(None, ge=1)  # images are resized to this; must match the teacher
+    channels: Literal[1, 3] = 3  # image-folder: grayscale (1) or RGB (3)
     num_points: int = Field(100_000, ge=1)  # size of a generated 2-D toy set
     # batches carry class labels (digits' digit, CIFAR-10's class, an image folder's subfolder, a toy's mode):
     # what a class-conditional teacher needs, and what a teacher trained here is conditioned on
     labels: bool = False
+    # image-folder only: the metadata.jsonl column holding each image's caption (diffusers' --caption_column,
+    # "text" in its scripts); batches then carry captions, what a text-conditioned teacher reads
+    caption_column: str | None = None
+
+    @model_validator(mode="after")
+    def _captions(self) -> "DataConfig":
+        if self.caption_column is not None and self.name != "image-folder":
+            raise ValueError(f"data.caption_column: only an image-folder data set has captions (data.name={self.name})")
+        if self.caption_column is not None and self.labels:
+            raise ValueError("data.caption_column: captions replace class labels; set data.labels=false")
+        if self.name == "prompts" and (self.root is None or self.image_size is None):
+            raise ValueError("data.root: a prompts data set needs data.root (the prompt file) and data.image_size "
+                             "(the teacher's image side)")
+        if self.name == "prompts" and self.labels:
+            raise ValueError("data.labels: a prompts data set carries prompts, not class labels; set data.labels=false")
+        return self
 
 
 class TeacherConfig(_Strict):
@@ -112,6 +129,9 @@ class TeacherNetConfig(_Strict):
     # with data.labels: the share of labels replaced by a null class (an extra row of the class table), so the
     # teacher also learns the unconditional score that classifier-free guidance needs (0: no null class)
     label_dropout: float = Field(0.1, ge=0, lt=1)
+    # with captioned data: the width of the prompt embeddings, from a small CLIP text encoder initialised at random
+    # and frozen (distinct prompts get distinct embeddings; SD's pretrained encoder is what a real teacher reads)
+    text_features: int = Field(32, ge=8)
 
 
 class CriticConfig(_Strict):
@@ -171,6 +191,9 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     compile: bool = False  # torch.compile every network (inductor; on a CPU it needs a C++ compiler)
     channels_last: bool = False  # NHWC weights for the convolutional networks (tensor-core GPUs prefer it)
+    # recompute the trainable diffusers nets' activations in the backward pass (less memory, ~30% more compute),
+    # as diffusers' training scripts' --gradient_checkpointing; the updates are the same
+    gradient_checkpointing: bool = False
     ema: EMAConfig = Field(default_factory=EMAConfig)
     checkpoint_every: int = Field(500, ge=1)
     checkpoint_total_limit: int | None = Field(3, ge=1)  # keep this many newest checkpoints
@@ -214,6 +237,11 @@ class _MethodSection(_Strict):
         """The networks this recipe's method trains, each with its default learning rate."""
         return dict(self.optimized)
 
+    @property
+    def reads_images(self) -> bool:
+        """Whether the method reads data samples (not only their labels or captions)."""
+        return True
+
 
 class TeacherTrainingConfig(_MethodSection):
     """Diffusion teacher trained from scratch by denoising score matching."""
@@ -224,7 +252,22 @@ class TeacherTrainingConfig(_MethodSection):
     optimized: ClassVar[dict[str, float]] = {"denoiser": 1e-4}
 
 
-class DxMIConfig(_MethodSection):
+class _StudentSection(_MethodSection):
+    """What every distillation method declares: how the teacher's trainable copies train."""
+
+    # LoRA students (peft): adapters of this rank on every trainable copy of the teacher (the student and, in SiD
+    # and DMD2, the fake score network), whose own weights stay frozen; None trains the full networks
+    lora_rank: int | None = Field(None, ge=1)
+    lora_alpha: PositiveFloat | None = None  # the adapters' scale is alpha / rank; None: alpha = rank (scale 1)
+
+    @model_validator(mode="after")
+    def _alpha_needs_rank(self) -> "_StudentSection":
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise ValueError("method.lora_alpha: set method.lora_rank too (no LoRA without a rank)")
+        return self
+
+
+class DxMIConfig(_StudentSection):
     """Few-step DxMI sampler, SPEC section 5."""
 
     name: Literal["dxmi"]
@@ -265,7 +308,7 @@ class DxMIConfig(_MethodSection):
         return self
 
 
-class SiDConfig(_MethodSection):
+class SiDConfig(_StudentSection):
     """One-step SiD / SiDA generator, SPEC section 6."""
 
     name: Literal["sid"]
@@ -286,8 +329,12 @@ class SiDConfig(_MethodSection):
     trains_critic: ClassVar[bool] = True
     optimized: ClassVar[dict[str, float]] = {"generator": 1e-4, "fake_score": 1e-5}
 
+    @property
+    def reads_images(self) -> bool:
+        return self.adversarial  # the critic compares data with samples; plain SiD is data-free
 
-class DMD2Config(_MethodSection):
+
+class DMD2Config(_StudentSection):
     """One-step or few-step DMD2 generator (distribution matching with a GAN critic), SPEC section 6b. An
     iteration updates the fake score network and its critic head; every ``fake_updates_per_step``-th one also
     updates the generator (the EMA follows every iteration)."""
@@ -301,7 +348,8 @@ class DMD2Config(_MethodSection):
     fake_updates_per_step: int = Field(5, ge=1)  # two time-scale rule: DMD2's dfake_gen_update_ratio (ImageNet)
     # the Karras ramp (rho 7) that the noise levels are drawn on: DMD2's EDM grid
     sigma_min: Finite = Field(0.002, gt=0)
-    sigma_max: Finite = Field(80.0, gt=0)
+    # None: EDM's 80, or the teacher's largest level where that is lower (SD-1.5's ~14.6)
+    sigma_max: Finite | None = Field(None, gt=0)
     dm_t_min: float = Field(0.02, ge=0, lt=1)  # distribution matching at t ~ U[dm_t_min, dm_t_max] on the ramp
     dm_t_max: float = Field(0.98, gt=0, le=1)  # (DMD2: min/max_step_percent); the fake score at t ~ U[0, 1]
     adversarial: bool = True  # the GAN critic: a head on the fake score network's bottleneck
@@ -313,11 +361,15 @@ class DMD2Config(_MethodSection):
     trains_critic: ClassVar[bool] = True
     optimized: ClassVar[dict[str, float]] = {"generator": 2e-6, "fake_score": 2e-6}  # DMD2 ImageNet-64
 
+    @property
+    def reads_images(self) -> bool:
+        return self.adversarial  # the GAN head compares data with samples; distribution matching reads none
+
     @model_validator(mode="after")
     def _ordered(self) -> "DMD2Config":
         if self.dm_t_min >= self.dm_t_max:
             raise ValueError(f"method.dm_t_min: must be below method.dm_t_max ({self.dm_t_max}), got {self.dm_t_min}")
-        if self.sigma_min >= self.sigma_max:
+        if self.sigma_max is not None and self.sigma_min >= self.sigma_max:
             raise ValueError(f"method.sigma_min: must be below method.sigma_max ({self.sigma_max}), got {self.sigma_min}")
         return self
 
@@ -411,6 +463,10 @@ class RecipeConfig(_Strict):
             raise ValueError("data.root: the image-folder data set needs a folder")
         if self.data.name == "image-folder" and not Path(self.data.root).is_dir():
             raise ValueError(f"data.root: folder {self.data.root!r} not found")
+        if self.data.name == "prompts" and self.method.reads_images:
+            why = " (set method.adversarial=false)" if "adversarial" in type(self.method).model_fields else ""
+            raise ValueError(f"data.name: a prompts data set holds no images, and method {self.method.name!r} reads "
+                             f"data images{why}")
         return self
 
 

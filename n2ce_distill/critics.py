@@ -7,7 +7,8 @@ also reads ``cond``, a float tensor ``(B,)`` (a noise level sigma or a sampler s
 :class:`ConditionEmbedding`, shared by both networks. With ``num_classes=K`` the critic is class-conditional
 in the projection style (Miyato and Koyama 2018): ``l(x, y) = w^T phi(x) + e_y^T phi(x)`` with a learned
 class embedding ``e_y`` and the features ``phi`` the unconditional read-out sees; ``forward(x, cond,
-class_labels)`` then needs labels ``(B,)``.
+class_labels)`` then needs labels ``(B,)``. With ``text_features=D`` it is prompt-conditional the same way, with
+``e_y`` a linear map of the prompt embeddings' token mean (``class_labels`` then holds embeddings (B, L, D)).
 
 Critics that live on a score network's encoder (SiDA's and DMD2's) read it through :class:`EncoderFeatures`, the
 input of the UNet's mid block captured on each forward; :class:`BottleneckHead` is DMD2's small classifier on it.
@@ -91,28 +92,38 @@ def _embed(embedding: ConditionEmbedding | None, cond: torch.Tensor | None, batc
     return embedding(cond, batch_size)
 
 
-def _class_table(num_classes: int | None, width: int) -> nn.Embedding | None:
-    """The projection's class embeddings, zero at first: a conditional critic starts as the unconditional one
-    (and DxMI's correction U at 0) and learns e_y from the features, whose gradient it is."""
-    if not num_classes:
+def _condition_table(num_classes: int | None, text_features: int | None, width: int) -> nn.Module | None:
+    """The projection's condition embeddings ``e_y``, zero at first: a conditional critic starts as the
+    unconditional one (and DxMI's correction U at 0) and learns e_y from the features, whose gradient it is. A
+    class table for ``num_classes``; for prompt embeddings (B, L, ``text_features``) a linear map of their mean
+    over tokens."""
+    if num_classes and text_features:
+        raise ValueError("a critic is conditioned on classes or on prompts, not both")
+    if not (num_classes or text_features):
         return None
-    table = nn.Embedding(num_classes, width)
+    table = nn.Embedding(num_classes, width) if num_classes else nn.Linear(text_features, width, bias=False)
     nn.init.zeros_(table.weight)
     return table
 
 
-def _projection(table: nn.Embedding | None, class_labels: torch.Tensor | None, features: torch.Tensor,
+def _projection(table: nn.Module | None, condition: torch.Tensor | None, features: torch.Tensor,
                 name: str) -> torch.Tensor:
-    """``e_y^T phi`` per sample (0 for an unconditional critic), with the labels checked against the table."""
+    """``e_y^T phi`` per sample (0 for an unconditional critic), with the condition checked against the table."""
     if table is None:
-        if class_labels is not None:
-            raise ValueError(f"{name} was built with num_classes=None but got class_labels")
+        if condition is not None:
+            raise ValueError(f"{name} was built unconditional but got a condition")
         return features.new_zeros(features.shape[0])
-    if class_labels is None or class_labels.shape != (features.shape[0],):
-        got = "none" if class_labels is None else f"shape {tuple(class_labels.shape)}"
-        raise ValueError(f"{name} is class-conditional ({table.num_embeddings} classes): class_labels must have "
-                         f"shape ({features.shape[0]},), got {got}")
-    return (table(class_labels).to(features.dtype) * features).sum(dim=1)
+    if isinstance(table, nn.Embedding):
+        if condition is None or condition.shape != (features.shape[0],):
+            got = "none" if condition is None else f"shape {tuple(condition.shape)}"
+            raise ValueError(f"{name} is class-conditional ({table.num_embeddings} classes): class_labels must have "
+                             f"shape ({features.shape[0]},), got {got}")
+        return (table(condition).to(features.dtype) * features).sum(dim=1)
+    if condition is None or condition.dim() != 3 or condition.shape[::2] != (features.shape[0], table.in_features):
+        got = "none" if condition is None else f"shape {tuple(condition.shape)}"
+        raise ValueError(f"{name} is prompt-conditional: it needs prompt embeddings ({features.shape[0]}, L, "
+                         f"{table.in_features}), got {got}")
+    return (table(condition.float().mean(dim=1)).to(features.dtype) * features).sum(dim=1)
 
 
 class MLPCritic(ModelMixin, ConfigMixin):
@@ -126,7 +137,7 @@ class MLPCritic(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_features: int, hidden_features: int = 256, num_layers: int = 3,
                  conditioned: bool = False, activation: str = "silu", cond_scale: str = "log",
-                 num_frequencies: int = 32, num_classes: int | None = None):
+                 num_frequencies: int = 32, num_classes: int | None = None, text_features: int | None = None):
         super().__init__()
         if in_features < 1 or hidden_features < 1 or num_layers < 1:
             raise ValueError("in_features, hidden_features and num_layers must be positive")
@@ -138,7 +149,7 @@ class MLPCritic(ModelMixin, ConfigMixin):
                                if conditioned else None)
         self.cond_proj = (nn.ModuleList(nn.Linear(hidden_features, hidden_features) for _ in range(num_layers))
                           if conditioned else None)
-        self.class_projection = _class_table(num_classes, hidden_features)
+        self.condition_projection = _condition_table(num_classes, text_features, hidden_features)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,7 +163,7 @@ class MLPCritic(ModelMixin, ConfigMixin):
             if emb is not None:
                 h = h + self.cond_proj[i](emb)
             h = self.act(h)
-        return self.out(h).squeeze(-1) + _projection(self.class_projection, class_labels, h, "MLPCritic")
+        return self.out(h).squeeze(-1) + _projection(self.condition_projection, class_labels, h, "MLPCritic")
 
 
 class _ResBlock(nn.Module):
@@ -202,7 +213,7 @@ class ConvCritic(ModelMixin, ConfigMixin):
     def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (128, 256), num_res_blocks: int = 6,
                  conditioned: bool = False, downsample: bool = True, padding_mode: str = "zeros",
                  output_scale_init: float = 1e-2, cond_scale: str = "log", emb_features: int = 128,
-                 num_frequencies: int = 32, num_classes: int | None = None):
+                 num_frequencies: int = 32, num_classes: int | None = None, text_features: int | None = None):
         super().__init__()
         channels = tuple(channels)
         if not channels or num_res_blocks < len(channels):
@@ -223,7 +234,7 @@ class ConvCritic(ModelMixin, ConfigMixin):
         self.output_scale = nn.Parameter(torch.tensor(float(output_scale_init)))
         self.cond_embedding = (ConditionEmbedding(emb_features, num_frequencies, cond_scale)
                                if conditioned else None)
-        self.class_projection = _class_table(num_classes, width)
+        self.condition_projection = _condition_table(num_classes, text_features, width)
 
     def features(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """Feature map ``(B, C', H', W')`` that the read-out sums over space."""
@@ -241,22 +252,24 @@ class ConvCritic(ModelMixin, ConfigMixin):
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
         summed = self.features(x, cond).sum(dim=(2, 3))
-        projection = _projection(self.class_projection, class_labels, summed, "ConvCritic")
+        projection = _projection(self.condition_projection, class_labels, summed, "ConvCritic")
         return self.output_scale * (self.out(summed).squeeze(-1) + projection)
 
 
 def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: bool = False,
-                 num_classes: int | None = None) -> nn.Module:
-    """Convolutional ResNet critic for images, MLP critic for vectors; ``conditioned`` on a step index, and
-    class-conditional (projection) when ``num_classes`` is given."""
+                 num_classes: int | None = None, text_features: int | None = None) -> nn.Module:
+    """Convolutional ResNet critic for images (and latents), MLP critic for vectors; ``conditioned`` on a step
+    index, and conditional (projection) on classes when ``num_classes`` is given, on prompt embeddings when
+    ``text_features`` (their width) is."""
+    labels = {"num_classes": num_classes, "text_features": text_features}
     if len(sample_shape) == 3:
         return ConvCritic(
             in_channels=sample_shape[0], channels=tuple(cfg.channels), num_res_blocks=cfg.num_res_blocks,
-            conditioned=conditioned, cond_scale="linear", num_classes=num_classes,
+            conditioned=conditioned, cond_scale="linear", **labels,
         )
     return MLPCritic(
         in_features=int(torch.tensor(sample_shape).prod()), hidden_features=cfg.hidden_features,
-        num_layers=cfg.num_layers, conditioned=conditioned, cond_scale="linear", num_classes=num_classes,
+        num_layers=cfg.num_layers, conditioned=conditioned, cond_scale="linear", **labels,
     )
 
 

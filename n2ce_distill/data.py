@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DATASETS", "TOY_DISTRIBUTIONS", "ArrayDataset", "Checkerboard", "EightGaussians", "ImageFolderDataset",
     "InfiniteLoader", "TwoSpirals", "balanced_labels", "build_dataset", "check_labels", "dataset_from_config",
-    "cifar10", "digits",
-    "infinite_loader", "num_classes", "sample_shape",
+    "DIGIT_NAMES", "cifar10", "digits", "save_captioned_digits",
+    "PromptDataset", "has_images", "read_prompts", "infinite_loader", "num_classes", "prompts", "sample_shape",
 ]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -160,9 +160,13 @@ def digits(split: str = "all", test_fraction: float = 0.2, seed: int = 0, labels
 class ImageFolderDataset(Dataset):
     """Every image under ``root`` (recursively, sorted), centre-cropped to a square, resized to ``image_size``
     and mapped to (C, H, W) in [-1, 1]. ``labels=True`` labels each image by its first-level subfolder
-    (sorted class names, as torchvision's ``ImageFolder``)."""
+    (sorted class names, as torchvision's ``ImageFolder``). ``caption_column`` reads each image's caption from
+    ``root/metadata.jsonl`` (the datasets ``imagefolder`` convention: one JSON object per line with the image's
+    ``file_name``, relative to ``root``, and the caption under ``caption_column``, ``text`` in diffusers'
+    scripts): ``prompts`` is then the sorted list of distinct captions and each item's label indexes it."""
 
-    def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3, labels: bool = False):
+    def __init__(self, root: str | os.PathLike, image_size: int, channels: int = 3, labels: bool = False,
+                 caption_column: str | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise InputError(f"image folder {self.root} does not exist")
@@ -178,6 +182,13 @@ class ImageFolderDataset(Dataset):
                 raise InputError(f"labels=True needs every image inside a class subfolder of {self.root}")
             self.targets = [self.classes.index(q[0]) for q in parts]
             self.num_classes = len(self.classes)
+        if caption_column is not None:
+            if labels:
+                raise InputError("data.caption_column: captions replace class labels; set data.labels=false")
+            captions = _read_captions(self.root, caption_column, self.files)
+            self.prompts = sorted(set(captions))
+            index = {prompt: i for i, prompt in enumerate(self.prompts)}
+            self.targets = [index[caption] for caption in captions]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -194,6 +205,89 @@ class ImageFolderDataset(Dataset):
             arr = np.asarray(im, dtype=np.uint8).reshape(self.image_size, self.image_size, -1)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
         return x if self.targets is None else (x, torch.tensor(self.targets[i]))
+
+
+def save_captioned_digits(root: str | os.PathLike, prompt: str = "the digit {name}") -> Path:
+    """Write scikit-learn's digits as an image-caption folder (``NNNN.png``, 8x8 grayscale, and ``metadata.jsonl``
+    whose ``text`` is ``prompt`` with the digit's name, "the digit seven"): the captioned data of the
+    text-conditioned examples. Pixels round-trip to within 1/255 of :func:`digits`. Returns ``root``."""
+    import json
+
+    from PIL import Image
+
+    data, root = digits(labels=True), Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (x, y) in enumerate(zip(data.x, data.y.tolist())):
+        pixels = ((x[0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"{i:04d}.png")
+        lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": prompt.format(name=DIGIT_NAMES[y])}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def read_prompts(path: str | os.PathLike, key: str) -> list[str]:
+    """The lines of a prompt file, in order, blank ones skipped; one line naming ``key`` if there are none."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{key}: prompt file {path} not found (one prompt per line)")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{key}: {path} holds no prompts")
+    return lines
+
+
+class PromptDataset(Dataset):
+    """Prompts without images (one per line of the text file ``path``, blank lines skipped), for the loops that
+    read none (SiD without its critic: SiD-LSG's data-free distillation). An item is ``(empty tensor, label)``
+    with the label indexing ``prompts`` (the distinct prompts, sorted); ``image_shape`` is the shape of the images
+    the teacher makes, ``(channels, image_size, image_size)``, which no item carries."""
+
+    has_images = False
+
+    def __init__(self, path: str | os.PathLike, image_size: int, channels: int = 3):
+        lines = read_prompts(path, "data.root")
+        self.prompts = sorted(set(lines))
+        index = {prompt: i for i, prompt in enumerate(self.prompts)}
+        self.targets = torch.tensor([index[line] for line in lines])
+        self.image_shape = (channels, image_size, image_size)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return torch.empty(0), self.targets[i]
+
+
+def _read_captions(root: Path, column: str, files: list[Path]) -> list[str]:
+    """Each file's caption from ``root/metadata.jsonl``; one line naming the file or line at fault otherwise."""
+    import json
+
+    metadata = root / "metadata.jsonl"
+    if not metadata.is_file():
+        raise InputError(f"data.caption_column: {metadata} not found (one JSON line per image: file_name and "
+                         f"{column!r})")
+    captions = {}
+    for number, line in enumerate(metadata.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, caption = row["file_name"], row[column]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            what = f"no key {error}" if isinstance(error, KeyError) else "not a JSON object"
+            raise InputError(f"data.caption_column: {metadata}, line {number}: {what}") from None
+        if not isinstance(caption, str):
+            raise InputError(f"data.caption_column: {metadata}, line {number}: {column!r} is not a string")
+        captions[(root / name).resolve()] = caption
+    missing = [f for f in files if f.resolve() not in captions]
+    if missing:
+        raise InputError(f"data.caption_column: {missing[0].relative_to(root)} has no line in {metadata} ({len(missing)} images without "
+                         "captions)")
+    return [captions[f.resolve()] for f in files]
 
 
 def cifar10(root: str | os.PathLike, train: bool = True, download: bool = True, labels: bool = False) -> ArrayDataset:
@@ -218,6 +312,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     **{name: partial(_toy, cls) for name, cls in TOY_DISTRIBUTIONS.items()},
     "digits": digits,
     "image-folder": ImageFolderDataset,
+    "prompts": PromptDataset,
     "cifar10": cifar10,
 }
 
@@ -234,11 +329,20 @@ def build_dataset(name: str, **kwargs) -> Dataset:
 def dataset_from_config(cfg: DataConfig, seed: int):
     """The recipe's data set (images in [-1, 1] or 2-D points), with class labels when ``data.labels``."""
     kwargs = {
-        "image-folder": {"root": cfg.root, "image_size": cfg.image_size or 32},
+        "image-folder": {"root": cfg.root, "image_size": cfg.image_size or 32, "channels": cfg.channels,
+                         "caption_column": cfg.caption_column},
+        "prompts": {"path": cfg.root, "image_size": cfg.image_size, "channels": cfg.channels},
         "cifar10": {"root": cfg.root or "data/cifar10"},
         "digits": {},
     }.get(cfg.name, {"n": cfg.num_points, "seed": seed})
+    if cfg.name == "prompts":
+        return build_dataset(cfg.name, **kwargs)  # prompts are its labels
     return build_dataset(cfg.name, labels=cfg.labels, **kwargs)
+
+
+def prompts(dataset: Dataset) -> list[str] | None:
+    """A captioned data set's prompts, which its labels index; ``None`` when its items carry no captions."""
+    return getattr(dataset, "prompts", None)
 
 
 def num_classes(dataset: Dataset) -> int | None:
@@ -246,8 +350,15 @@ def num_classes(dataset: Dataset) -> int | None:
     return getattr(dataset, "num_classes", None)
 
 
+def has_images(dataset: Dataset) -> bool:
+    """Whether a data set's items carry samples (a prompt-only set's do not)."""
+    return getattr(dataset, "has_images", True)
+
+
 def sample_shape(dataset: Dataset) -> tuple[int, ...]:
-    """The shape of one sample (its label, if any, left out)."""
+    """The shape of one sample (its label, if any, left out); a prompt-only set's is its images'."""
+    if not has_images(dataset):
+        return tuple(dataset.image_shape)
     item = dataset[0]
     return tuple((item[0] if isinstance(item, (tuple, list)) else item).shape)
 

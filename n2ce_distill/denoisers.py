@@ -1,5 +1,5 @@
 r"""One sigma-space denoiser ``D(x; sigma, y) ~ E[x_0 | x]`` for ``x = x_0 + sigma n`` shared by every loop
-(SPEC section 4; data in [-1, 1], ``sigma_data = 0.5``): :class:`EDMDenoiser` or :class:`VPEpsilonDenoiser`.
+(SPEC section 4; data in [-1, 1], ``sigma_data = 0.5``): :class:`EDMDenoiser` or :class:`VPDenoiser`.
 
 Teacher training is generic: ``loss_weight(s) * mean (D(x_0 + s n; s) - x_0)^2`` with ``s ~
 sample_training_sigmas``: the EDM loss for EDM (``ln s ~ N(-1.2, 1.2^2)``, weight ``(s^2+sd^2)/(s sd)^2``),
@@ -20,14 +20,14 @@ from urllib.parse import urlparse
 
 import diffusers
 import torch
-from diffusers import EDMEulerScheduler, UNet2DModel
+from diffusers import EDMEulerScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from torch import nn
 
 from .errors import InputError
 from .nets import ToyMLP
 
-__all__ = ["C_NOISE", "Denoiser", "EDMDenoiser", "VPEpsilonDenoiser", "denoiser_from_components", "load_denoiser",
+__all__ = ["C_NOISE", "Denoiser", "EDMDenoiser", "VPDenoiser", "denoiser_from_components", "load_denoiser",
            "per_sample"]
 
 # c_noise(sigma) conventions of EDM nets. The CM ports' ln(s + 1e-44) becomes a clamp (same value for s > 1e-20, no
@@ -36,7 +36,8 @@ C_NOISE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "edm": lambda s: 0.25 * torch.log(s.clamp_min(1e-20)),
     "cm": lambda s: 1000.0 * 0.25 * torch.log(s.clamp_min(1e-20)),
 }
-_NET_CLASSES = {"UNet2DModel": UNet2DModel, "ToyMLP": ToyMLP}  # by unet/config.json's _class_name
+# by unet/config.json's _class_name; a UNet2DConditionModel reads prompt embeddings (encoder_hidden_states)
+_NET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel, "ToyMLP": ToyMLP}
 _EDM_SCHEDULERS = {"EDMEulerScheduler": "edm", "CMStochasticIterativeScheduler": "cm"}  # -> default c_noise
 _INDEX_KEY = "_n2ce_denoiser"  # leading underscore: diffusers pipelines ignore it in model_index.json
 
@@ -53,12 +54,17 @@ def per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class Denoiser(nn.Module, abc.ABC):
-    """Abstract ``D(x; sigma, class_labels) -> x0_hat`` in VE sigma space.
+    """Abstract ``D(x; sigma, condition) -> x0_hat`` in VE sigma space.
+
+    The condition (the argument ``class_labels``, as diffusers names it for class tables) is class indices (B,)
+    for a class-conditional net, prompt embeddings (B, L, D) for a text-conditioned one (a
+    ``UNet2DConditionModel``, which reads them as ``encoder_hidden_states``), ``None`` for an unconditional one.
 
     Attributes: ``net`` (the wrapped network; every weight trainable, SiDA hooks its middle block),
     ``sigma_data``, ``sigma_min`` / ``sigma_max`` (the noise range samplers stop at and start from) and
     ``null_class``: the label index a teacher trained with label dropout reads as "no label" (the last row of
-    its class table), which classifier-free guidance (:meth:`guided`) needs; ``None`` when it has none."""
+    its class table), which classifier-free guidance (:meth:`guided`) needs; ``None`` when it has none. A
+    text-conditioned net's "no prompt" is the empty prompt's embedding (:meth:`set_null_prompt`)."""
 
     net: nn.Module
     sigma_data: float
@@ -107,21 +113,47 @@ class Denoiser(nn.Module, abc.ABC):
             return None
         return table - (self.null_class is not None)
 
+    @property
+    def text_features(self) -> int | None:
+        """The width D of the prompt embeddings a text-conditioned net reads (its ``cross_attention_dim``);
+        ``None`` for nets that read class labels or nothing (their configs have no such key)."""
+        return self.net.config.get("cross_attention_dim")
+
+    def set_null_prompt(self, embedding: torch.Tensor) -> None:
+        """The "no prompt" condition of a text-conditioned net (1 or B rows of (L, D)): the empty prompt for the
+        teacher, a negative prompt when sampling. Not saved with the weights (a folder's text encoder gives it)."""
+        if self.text_features is None:
+            raise ValueError("set_null_prompt: this denoiser's net reads no prompts")
+        self.register_buffer("null_prompt", embedding.float(), persistent=False)
+
+    @property
+    def can_guide(self) -> bool:
+        """Whether the net has a "no condition" input for classifier-free guidance."""
+        return self.null_class is not None or getattr(self, "null_prompt", None) is not None
+
+    def null_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        """The "no condition" input for each row of ``condition``."""
+        if self.text_features is None:
+            return torch.full_like(condition, self.null_class)
+        return self.null_prompt.to(condition).expand(len(condition), -1, -1)
+
     def guided(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None, guidance_scale: float = 1.0):
         r"""Classifier-free guidance ``D_0 + w (D_y - D_0)`` with ``D_0 = D(x; sigma, null)`` (one batched call
         over both); ``w = 1`` is the conditional denoiser itself, ``w = 0`` the unconditional one."""
         if guidance_scale == 1 or class_labels is None:
             return self(x, sigma, class_labels)
         self.check_guidance(guidance_scale)
-        null = torch.full_like(class_labels, self.null_class)
+        null = self.null_condition(class_labels)
         sigma = _sigma_vector(sigma, x)
         conditional, unconditional = self(torch.cat([x, x]), sigma.repeat(2), torch.cat([class_labels, null])).chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     def check_guidance(self, guidance_scale: float, key: str = "guidance_scale", name: str = "this teacher") -> None:
         """Refuse ``guidance_scale != 1`` where guidance is undefined, naming the recipe key or option ``key``."""
-        if guidance_scale != 1 and self.null_class is None:
-            why = "is unconditional" if self.num_classes is None else "has no null class (trained without label dropout)"
+        if guidance_scale != 1 and not self.can_guide:
+            why = ("is unconditional" if self.num_classes is None and self.text_features is None else
+                   "has no null class (trained without label dropout)" if self.text_features is None else
+                   "has no empty-prompt embedding (load it with its text encoder)")
             raise InputError(f"{key}: {name} {why}, so classifier-free guidance is undefined; set {key}=1")
 
     def _label_settings(self) -> dict:
@@ -129,8 +161,16 @@ class Denoiser(nn.Module, abc.ABC):
 
     device = property(lambda self: next(self.net.parameters()).device)
 
-    def _net_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(next(self.net.parameters()).dtype)  # preconditioning in fp32, the net in its own dtype
+    def _net_output(self, x: torch.Tensor, timestep: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """The raw net's prediction in fp32; preconditioning stays in fp32, the net runs in its own dtype."""
+        dtype = next(self.net.parameters()).dtype
+        if self.text_features is None:
+            return self.net(x.to(dtype), timestep, class_labels=condition).sample.float()
+        if condition is None or condition.dim() != 3 or condition.shape[-1] != self.text_features:
+            got = "none" if condition is None else f"shape {tuple(condition.shape)}"
+            raise ValueError(f"this denoiser is text-conditioned: it needs prompt embeddings (B, L, "
+                             f"{self.text_features}), got {got}")
+        return self.net(x.to(dtype), timestep, encoder_hidden_states=condition.to(dtype)).sample.float()
 
     def _rng_device(self, generator: torch.Generator | None) -> torch.device:  # same draws on any accelerator
         return generator.device if generator is not None else self.device
@@ -185,8 +225,8 @@ class EDMDenoiser(Denoiser):
 
     def forward(self, x, sigma, class_labels=None):
         c_skip, c_out, c_in, c_noise = self.coefficients(_sigma_vector(sigma, x))
-        f = self.net(self._net_input(per_sample(c_in, x) * x), c_noise, class_labels=class_labels).sample
-        return (per_sample(c_skip, x) * x + per_sample(c_out, x) * f.float()).to(x.dtype)
+        f = self._net_output(per_sample(c_in, x) * x, c_noise, class_labels)
+        return (per_sample(c_skip, x) * x + per_sample(c_out, x) * f).to(x.dtype)
 
     def sample_training_sigmas(self, n, generator=None):
         z = torch.randn(n, generator=generator, device=self._rng_device(generator))
@@ -201,20 +241,23 @@ class EDMDenoiser(Denoiser):
                            **self._label_settings()}
 
 
-class VPEpsilonDenoiser(Denoiser):
-    r"""DDPM epsilon-network (``scheduler``: any diffusers scheduler with ``alphas_cumprod``, epsilon prediction)
-    in sigma space: the VP state ``sqrt(abar_t) x_0 + sqrt(1 - abar_t) n`` is ``x / sqrt(1 + s^2)`` at
-    ``s = sigma(t) = sqrt((1 - abar_t)/abar_t)``, so ``D(x; s) = x - s eps(x / sqrt(1 + s^2), t(s))``. ``t(s)`` is
-    linear in ``ln sigma`` between grid points (as in k-diffusion): exact at ``sigma(t_i)`` (the full grid
-    reproduces DDPM exactly), monotone, clamped to ``[0, T-1]`` outside the grid."""
+class VPDenoiser(Denoiser):
+    r"""A DDPM network (``scheduler``: any diffusers scheduler with ``alphas_cumprod``; its ``prediction_type``
+    ``epsilon`` or ``v_prediction``) in sigma space: the VP state ``x_t = a x_0 + b n`` (``a = sqrt(abar_t)``,
+    ``b = sqrt(1 - abar_t)``) is ``x / sqrt(1 + s^2)`` at ``s = sigma(t) = b / a``, so for epsilon
+    ``D(x; s) = x - s eps(x_t, t(s))`` and for ``v = a n - b x_0``, ``D = a x_t - b v = x / (1 + s^2) - s v /
+    sqrt(1 + s^2)``. ``t(s)`` is linear in ``ln sigma`` between grid points (as in k-diffusion): exact at
+    ``sigma(t_i)`` (the full grid reproduces DDPM exactly), monotone, clamped to ``[0, T-1]`` outside the grid."""
 
     pipeline_name = "DDPMPipeline"  # our VP folders load in diffusers as they are
 
     def __init__(self, unet: nn.Module, scheduler, sigma_data: float = 0.5, null_class: int | None = None):
         super().__init__()
         self.null_class = null_class
-        if (prediction := scheduler.config.get("prediction_type", "epsilon")) != "epsilon":
-            raise InputError(f"VPEpsilonDenoiser needs epsilon prediction, got prediction_type={prediction!r}")
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"VPDenoiser reads epsilon or v_prediction nets, got prediction_type="
+                             f"{self.prediction_type!r}")
         self.net, self.scheduler, self.sigma_data = unet, scheduler, float(sigma_data)
         abar = scheduler.alphas_cumprod.to(torch.float64)
         # a plain fp32 attribute, not a buffer: rebuilt from scheduler/ on load, and .half() must not round it
@@ -236,16 +279,19 @@ class VPEpsilonDenoiser(Denoiser):
 
     def forward(self, x, sigma, class_labels=None):
         s = _sigma_vector(sigma, x)
-        x_vp = x / per_sample((1 + s.square()).sqrt(), x)
-        eps = self.net(self._net_input(x_vp), self.sigma_to_t(s), class_labels=class_labels).sample
-        return (x - per_sample(s, x) * eps.float()).to(x.dtype)
+        norm = per_sample((1 + s.square()).sqrt(), x)
+        out = self._net_output(x / norm, self.sigma_to_t(s), class_labels)
+        if self.prediction_type == "epsilon":
+            return (x - per_sample(s, x) * out).to(x.dtype)
+        return (x / norm.square() - per_sample(s, x) / norm * out).to(x.dtype)
 
     def sample_training_sigmas(self, n, generator=None):
         t = torch.randint(0, len(self.discrete_sigmas), (n,), generator=generator, device=self._rng_device(generator))
         return self._grid(self.device)[t.to(self.device)]
 
     def loss_weight(self, sigma):
-        return 1 / sigma.square()
+        # |eps - eps_hat|^2 = |D - x_0|^2 / s^2, and |v - v_hat|^2 = |D - x_0|^2 (1 + s^2) / s^2
+        return (1 + sigma.square() * (self.prediction_type == "v_prediction")) / sigma.square()
 
     def _export(self):
         return self.scheduler, {"kind": "vp", "sigma_data": self.sigma_data, **self._label_settings()}
@@ -256,7 +302,7 @@ def denoiser_from_components(net: nn.Module, scheduler, c_noise: str | None = No
 
     ``EDMEulerScheduler`` / ``CMStochasticIterativeScheduler`` -> :class:`EDMDenoiser` (sigma_data/min/max from its
     config; c_noise ``"edm"`` / ``"cm"`` unless ``c_noise`` or ``settings`` say otherwise); any scheduler with
-    ``alphas_cumprod`` (DDPM, DDIM, ...) -> :class:`VPEpsilonDenoiser`. ``settings``: model_index.json's
+    ``alphas_cumprod`` (DDPM, DDIM, ...) -> :class:`VPDenoiser`. ``settings``: model_index.json's
     ``_n2ce_denoiser`` (with the teacher's ``null_class``, if it has one). Consistency-*distilled* nets
     (boundary-condition scalings) are not EDM denoisers."""
     name, settings = type(scheduler).__name__, settings or {}
@@ -268,7 +314,7 @@ def denoiser_from_components(net: nn.Module, scheduler, c_noise: str | None = No
                            null_class=settings.get("null_class"))
     if not hasattr(scheduler, "alphas_cumprod"):
         raise InputError(f"scheduler {name} is neither EDM-type nor a discrete VP schedule")
-    return VPEpsilonDenoiser(net, scheduler, sigma_data=settings.get("sigma_data", 0.5),
+    return VPDenoiser(net, scheduler, sigma_data=settings.get("sigma_data", 0.5),
                              null_class=settings.get("null_class"))
 
 

@@ -51,7 +51,7 @@ def _is_run(path: Path) -> bool:
 
 def resolve_source(spec: str, device: str = "cpu", **labels) -> tuple[str, Generate]:
     """One sampler: ``PATH@STEPS[:ancestral|euler]`` (a teacher), a pipeline folder, or a run folder (its
-    final ``pipeline/``); returns ``(label, source)``. ``labels``: ``class_labels`` and ``guidance_scale`` of
+    final ``pipeline/``); returns ``(label, source)``. ``labels``: ``class_labels``, ``guidance_scale`` and ``prompts`` of
     :func:`~n2ce_distill.pipelines.load_sample_source`."""
     path_part, at, steps_part = spec.rpartition("@") if "@" in spec else (spec, "", "")
     path = Path(path_part)
@@ -69,10 +69,11 @@ def resolve_source(spec: str, device: str = "cpu", **labels) -> tuple[str, Gener
     return path.name, load_sample_source(path, device=device, **labels)
 
 
-def resolve_inputs(specs: list[str], device: str = "cpu", guidance_scale: float | None = None) -> list[EvalInput]:
+def resolve_inputs(specs: list[str], device: str = "cpu", guidance_scale: float | None = None,
+                   prompts: list[str] | None = None) -> list[EvalInput]:
     """Expand each input spec into the sample sources it stands for (``guidance_scale``: of every conditional
-    sampler, see :func:`~n2ce_distill.pipelines.load_sample_source`)."""
-    guided = {"guidance_scale": guidance_scale}
+    sampler; ``prompts``: of every text-conditioned one, see :func:`~n2ce_distill.pipelines.load_sample_source`)."""
+    guided = {"guidance_scale": guidance_scale, "prompts": prompts}
     resolved: list[EvalInput] = []
     for spec in specs:
         path = Path(spec.rpartition("@")[0] if "@" in spec else spec)
@@ -135,6 +136,7 @@ def evaluate_inputs(
     kid: bool = False,
     prc: bool = False,
     guidance_scale: float | None = None,
+    prompts: list[str] | None = None,
 ) -> str:
     """Evaluate every input against ``ref``; write ``fid.csv``, ``fid.json`` and ``fid.png`` into ``out``.
 
@@ -152,7 +154,7 @@ def evaluate_inputs(
     if not toy:
         check_reference(ref)
     rows = []
-    for item in resolve_inputs(specs, guidance_scale=guidance_scale):
+    for item in resolve_inputs(specs, guidance_scale=guidance_scale, prompts=prompts):
         shape = getattr(item.source, "sample_shape", None)  # generative inputs state it; folders do not
         if not toy and shape is not None and len(shape) != 3:
             raise InputError(f"input {item.label!r}: draws points of shape {tuple(shape)}, not images; "

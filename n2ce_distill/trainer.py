@@ -42,6 +42,7 @@ class NonFiniteError(RuntimeError):
 # recipe keys a checkpoint's networks, optimiser state and data stream were built for: a resume that changes
 # one is refused (learning rates, EMA, schedule and evaluation keys may change and take effect)
 FIXED_ON_RESUME = ("method.name", "method.num_steps", "method.share_value", "method.adversarial", "method.net",
+                   "method.lora_rank",
                    "data", "critic.objective", "critic.channels", "critic.num_res_blocks", "critic.hidden_features",
                    "critic.num_layers", "train.batch_size", "train.gradient_accumulation_steps")
 
@@ -84,6 +85,8 @@ class Trainer:
         if train.channels_last:
             for module in networks:
                 module.to(memory_format=torch.channels_last)  # 4-D weights only; the EMA copy below inherits it
+        if train.gradient_checkpointing:
+            _enable_gradient_checkpointing(self.method.nets.read.values())
         self.ema = EMA(
             self.method.nets.read[self.method.ema_name],
             beta=train.ema.beta,
@@ -123,8 +126,12 @@ class Trainer:
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         self.method.nets.train = dict(zip(names, prepared[: len(names)]))
         self.optimizers = dict(zip(optimizers, prepared[len(names):]))
+        # the frozen teacher, VAE and text encoder are stored in the training precision, as diffusers' scripts
+        # store theirs (half the memory; autocast rounds their weights so for every matmul anyway)
+        weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.train.mixed_precision,
+                                                                             torch.float32)
         for module in self.method.frozen.values():
-            module.to(acc.device).requires_grad_(False).eval()
+            module.to(acc.device, dtype=weight_dtype).requires_grad_(False).eval()
         self.ema.to(acc.device)
 
     # ------------------------------------------------------------------ one update
@@ -208,7 +215,8 @@ class Trainer:
         rows = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
         labels = None if labels is None else labels[rows].to(acc.device)
         with acc.accumulate(*self.method.nets.train.values()), acc.autocast():
-            output = self.method.training_step(batch[rows].to(acc.device), self.step, self._update, labels=labels)
+            condition = self.method.conditions.encode(labels)  # prompts: encoded once per batch
+            output = self.method.training_step(batch[rows].to(acc.device), self.step, self._update, labels=condition)
         self.ema.update()
         self.step += 1
         return output
@@ -370,6 +378,19 @@ def _compile_models(module: torch.nn.Module) -> None:
         return
     for child in module.children():
         _compile_models(child)
+
+
+def _enable_gradient_checkpointing(networks) -> None:
+    """Gradient checkpointing in every diffusers model that supports it (UNets, not the critics), or one line
+    naming ``train.gradient_checkpointing`` where no trainable network does."""
+    from diffusers import ModelMixin
+
+    models = [m for net in networks for m in net.modules()
+              if isinstance(m, ModelMixin) and getattr(m, "_supports_gradient_checkpointing", False)]
+    if not models:
+        raise InputError("train.gradient_checkpointing: no trainable network supports it (only diffusers UNets do)")
+    for model in models:
+        model.enable_gradient_checkpointing()  # not where a step reads a network: see Method.reading
 
 
 def _check_compiler(device: torch.device) -> None:

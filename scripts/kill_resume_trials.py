@@ -27,7 +27,7 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from n2ce_distill.reporting import markdown_table
-from n2ce_distill.denoisers import VPEpsilonDenoiser
+from n2ce_distill.denoisers import VPDenoiser
 from n2ce_distill.nets import tiny_unet
 
 STEPS = 12
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True)
     torch.manual_seed(0)
     teacher = args.out / "teacher"
-    VPEpsilonDenoiser(tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4),
+    VPDenoiser(tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4),
                       DDPMScheduler(num_train_timesteps=1000)).save_pretrained(teacher)
     recipe = args.out / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"},

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from n2ce_distill.denoisers import EDMDenoiser, VPEpsilonDenoiser
+from n2ce_distill.denoisers import EDMDenoiser, VPDenoiser
 from n2ce_distill.nets import ToyMLP, tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ def vp_teacher(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vp_teacher")
     net = tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4)
-    VPEpsilonDenoiser(net, DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
+    VPDenoiser(net, DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
     return path
 
 
@@ -30,7 +30,7 @@ def vp_cond_teacher(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vp_cond_teacher")
     net = tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=11)
-    VPEpsilonDenoiser(net, DDPMScheduler(num_train_timesteps=1000), null_class=10).save_pretrained(path)
+    VPDenoiser(net, DDPMScheduler(num_train_timesteps=1000), null_class=10).save_pretrained(path)
     return path
 
 
@@ -88,3 +88,20 @@ def tiny_method(recipe_file, vp_teacher):
         return method
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sd_teacher(tmp_path_factory) -> Path:
+    """An untrained Stable-Diffusion-style folder for 8x8 grayscale images: UNet2DConditionModel on 4x4x4
+    latents, AutoencoderKL, CLIP text encoder, a character-level tokenizer and SD-1.5's scheduler config."""
+    from n2ce_distill.nets import save_tiny_text_to_image
+
+    return save_tiny_text_to_image(tmp_path_factory.mktemp("sd_teacher"))
+
+
+@pytest.fixture(scope="session")
+def captioned_digits(tmp_path_factory) -> Path:
+    """The digits as an image-caption folder (PNGs and metadata.jsonl, "the digit seven")."""
+    from n2ce_distill.data import save_captioned_digits
+
+    return save_captioned_digits(tmp_path_factory.mktemp("captioned_digits"))

@@ -186,10 +186,10 @@ def test_train_step_stand_in_has_the_ddpm_cifar10_architecture(tmp_path):
     """The stand-in must cost what google/ddpm-cifar10-32 costs: 35.7M parameters (Ho et al. 2020), 3x32x32, the
     1000-step linear VP schedule; and it must load through the same code as the hub teacher."""
     from n2ce_distill.benchmarks.train_step import STANDINS
-    from n2ce_distill.denoisers import VPEpsilonDenoiser, load_denoiser
+    from n2ce_distill.denoisers import VPDenoiser, load_denoiser
 
     teacher = load_denoiser(str(STANDINS["google/ddpm-cifar10-32"](tmp_path / "teacher")))
-    assert isinstance(teacher, VPEpsilonDenoiser) and teacher.sample_shape == (3, 32, 32)
+    assert isinstance(teacher, VPDenoiser) and teacher.sample_shape == (3, 32, 32)
     assert abs(sum(p.numel() for p in teacher.net.parameters()) - 35.7e6) < 0.05e6
     assert abs(teacher.sigma_max - 157.4) < 0.1
 

@@ -13,7 +13,7 @@ from n2ce_distill.config import load_recipe
 from n2ce_distill.critics import ConvCritic, MLPCritic
 from n2ce_distill.data import (ArrayDataset, Checkerboard, EightGaussians, ImageFolderDataset, TwoSpirals,
                                balanced_labels, build_dataset, infinite_loader)
-from n2ce_distill.denoisers import VPEpsilonDenoiser, load_denoiser
+from n2ce_distill.denoisers import VPDenoiser, load_denoiser
 from n2ce_distill.errors import InputError
 from n2ce_distill.methods import build_method
 from n2ce_distill.nets import tiny_unet
@@ -105,7 +105,7 @@ def test_edm_conditional_teacher_round_trips_its_classes(tmp_path):
 
 def test_guidance_needs_a_null_class():
     net = tiny_unet(8, 1, block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=10)
-    teacher = VPEpsilonDenoiser(net, DDPMScheduler())
+    teacher = VPDenoiser(net, DDPMScheduler())
     assert teacher.num_classes == 10 and teacher.null_class is None
     with pytest.raises(InputError, match="no null class"):
         teacher.guided(torch.randn(2, 1, 8, 8), 1.0, torch.tensor([0, 1]), 2.0)
@@ -118,14 +118,14 @@ def test_guidance_needs_a_null_class():
 def test_projection_critic_starts_unconditional_and_reads_labels(critic, x):
     y = torch.tensor([0, 1, 2, 3])
     plain = type(critic)(**{**critic.config, "num_classes": None})
-    plain.load_state_dict({k: v for k, v in critic.state_dict().items() if "class_projection" not in k})
+    plain.load_state_dict({k: v for k, v in critic.state_dict().items() if "condition_projection" not in k})
     assert torch.equal(critic(x, class_labels=y), plain(x))  # e_y = 0 at first
     with torch.no_grad():
-        critic.class_projection.weight.normal_()
+        critic.condition_projection.weight.normal_()
     assert not torch.allclose(critic(x, class_labels=y), critic(x, class_labels=y.flip(0)))
     with pytest.raises(ValueError, match="class-conditional"):
         critic(x)
-    with pytest.raises(ValueError, match="num_classes=None"):
+    with pytest.raises(ValueError, match="built unconditional"):
         plain(x, class_labels=y)
 
 

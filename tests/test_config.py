@@ -19,7 +19,9 @@ def test_every_shipped_recipe_validates(path, vp_teacher):
     raw = yaml.safe_load(path.read_text())
     overrides = [f"teacher.path={vp_teacher}"] if "teacher" in raw else []
     if raw["data"]["name"] in ("image-folder", "cifar10"):
-        overrides += ["data.name=digits", "data.root=null", "data.image_size=null"]
+        overrides += ["data.name=digits", "data.root=null", "data.image_size=null", "data.caption_column=null"]
+    if raw["data"]["name"] == "prompts":
+        overrides += [f"data.root={path}"]  # any file stands in for the prompt file
     recipe = load_recipe(path, overrides)
     assert recipe.method.name in path.stem or recipe.method.name == "teacher"
 

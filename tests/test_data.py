@@ -135,7 +135,7 @@ def test_build_dataset_registry(tmp_path, monkeypatch):
         build_dataset("image-folder")
     with pytest.raises(ValueError, match="missing"):
         build_dataset("image-folder", root=tmp_path / "missing", image_size=8)
-    assert set(data.DATASETS) == {"8gaussians", "spirals", "checkerboard", "digits", "image-folder", "cifar10"}
+    assert set(data.DATASETS) == {"8gaussians", "spirals", "checkerboard", "digits", "image-folder", "prompts", "cifar10"}
 
 
 def take(loader, k):

@@ -7,7 +7,7 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, DDPMPipeline, DDPMScheduler, EDMEulerScheduler, ScoreSdeVeScheduler
 from torch import nn
 
-from n2ce_distill.denoisers import C_NOISE, EDMDenoiser, VPEpsilonDenoiser, denoiser_from_components, load_denoiser
+from n2ce_distill.denoisers import C_NOISE, EDMDenoiser, VPDenoiser, denoiser_from_components, load_denoiser
 from n2ce_distill.nets import ToyMLP, tiny_unet
 
 
@@ -77,7 +77,7 @@ def test_edm_training_distribution_and_weight():
 
 
 def make_vp(**kw):
-    return VPEpsilonDenoiser(small_unet(**kw), DDPMScheduler(num_train_timesteps=1000))
+    return VPDenoiser(small_unet(**kw), DDPMScheduler(num_train_timesteps=1000))
 
 
 def test_vp_denoiser_equals_ddpm_x0_prediction():
@@ -125,9 +125,30 @@ def test_vp_loss_weighting_is_exactly_ddpm_eps_mse():
     torch.testing.assert_close(ours, (n - eps).square().flatten(1).mean(1), rtol=1e-4, atol=1e-5)
 
 
-def test_vp_rejects_non_epsilon_schedulers():
-    with pytest.raises(ValueError, match="v_prediction"):
-        VPEpsilonDenoiser(small_unet(), DDPMScheduler(prediction_type="v_prediction"))
+def test_vp_v_prediction_matches_diffusers_and_its_loss_is_the_v_mse():
+    """A v-prediction net (SD-2-style schedulers): D is DDPM's ``pred_original_sample = a x_t - b v`` at grid
+    points, and the teacher loss is exactly ``|v - v_hat|^2`` with v from the scheduler's ``get_velocity``."""
+    torch.manual_seed(0)
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    den = VPDenoiser(small_unet(), scheduler)
+    g = torch.Generator().manual_seed(2)
+    x0, n = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1, torch.randn(6, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 200, 500, 900, 999])
+    sigma = den.discrete_sigmas[t]
+    with torch.no_grad():
+        x_t = scheduler.add_noise(x0, n, t)
+        v_hat = den.net(x_t, t).sample
+        abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        expected = abar.sqrt() * x_t - (1 - abar).sqrt() * v_hat
+        torch.testing.assert_close(den(x0 + sigma.view(-1, 1, 1, 1) * n, sigma), expected, rtol=1e-4, atol=1e-4)
+        v = scheduler.get_velocity(x0, n, t)
+        torch.testing.assert_close(den.denoising_loss(x0, sigma=sigma, noise=n), (v - v_hat).square().flatten(1).mean(1),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_vp_rejects_other_prediction_types():
+    with pytest.raises(ValueError, match="sample"):
+        VPDenoiser(small_unet(), DDPMScheduler(prediction_type="sample"))
 
 
 def round_trip(den, tmp_path, x, sigma, labels=None):
@@ -180,7 +201,7 @@ def test_denoiser_from_components_rebuilds_from_net_and_scheduler():
     assert isinstance(again, EDMDenoiser) and again.sigma_max == 20.0
     torch.testing.assert_close(again(x, 0.4), edm(x, 0.4), rtol=0, atol=0)
     vp = make_vp()
-    assert isinstance(denoiser_from_components(vp.net, vp.to_scheduler(), c_noise="edm"), VPEpsilonDenoiser)
+    assert isinstance(denoiser_from_components(vp.net, vp.to_scheduler(), c_noise="edm"), VPDenoiser)
     with pytest.raises(ValueError, match="ScoreSdeVeScheduler"):
         denoiser_from_components(vp.net, ScoreSdeVeScheduler())
 

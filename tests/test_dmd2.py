@@ -76,7 +76,7 @@ def test_dm_gradient_is_the_normalised_score_difference(make_dmd2, recipe_file, 
     opts = method.recipe.method
     torch.manual_seed(5)
     t = opts.dm_t_min + (opts.dm_t_max - opts.dm_t_min) * torch.rand(B)
-    sigma = karras_ramp(t, opts.sigma_min, opts.sigma_max)
+    sigma = karras_ramp(t, opts.sigma_min, method.ramp_max)
     x_t = x_g.detach() + sigma.view(-1, 1, 1, 1) * torch.randn(B, *SHAPE)
     with torch.no_grad():
         teacher = method.frozen["teacher"]
@@ -106,7 +106,7 @@ def test_fake_score_loss_is_dmd2_weighted_denoising(make_dmd2):
     x_g, = generated
     assert inputs.shape[0] == 2 * B and torch.equal(sigma[:B], sigma[B:])
     opts, sd = method.recipe.method, method.nets.read["fake_score"].sigma_data
-    assert ((sigma >= opts.sigma_min) & (sigma <= opts.sigma_max)).all()
+    assert ((sigma >= opts.sigma_min) & (sigma <= method.ramp_max)).all() and method.ramp_max == 80  # EDM's top
     weight = (1 / sigma[:B] ** 2 + 1 / sd**2).view(-1, 1, 1, 1)
     torch.testing.assert_close(logs["loss_fake_score"], (weight * (out[:B] - x_g).pow(2)).mean())
 
@@ -243,7 +243,7 @@ def test_toy_teacher_has_no_bottleneck_for_the_head(make_dmd2, toy_teacher):
 
 @pytest.mark.parametrize("override, message", [
     ("method.dm_t_min=0.9", r"^method\.dm_t_min: must be below method\.dm_t_max"),
-    ("method.sigma_min=100", r"^method\.sigma_min: must be below method\.sigma_max"),
+    ("method.sigma_min=100 method.sigma_max=50", r"^method\.sigma_min: must be below method\.sigma_max"),
     ("method.fake_updates_per_step=0", r"^method\.fake_updates_per_step: "),
     ("critic.channels=[8]", r"^critic\.channels: not used by method 'dmd2'"),
     ("method.adv_weight=0.5", r"^method\.adv_weight: unknown key; did you mean 'method\.adversarial_weight'\?"),
@@ -255,4 +255,4 @@ def test_bad_recipes_are_one_line_errors(recipe_file, vp_teacher, override, mess
     path = recipe_file({"method": {"name": "dmd2", "dm_t_max": 0.5}, "data": {"name": "digits"},
                         "teacher": {"path": str(vp_teacher)}})
     with pytest.raises(ConfigError, match=message):
-        load_recipe(path, [override])
+        load_recipe(path, override.split())

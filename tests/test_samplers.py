@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from n2ce_distill.denoisers import EDMDenoiser, VPEpsilonDenoiser
+from n2ce_distill.denoisers import EDMDenoiser, VPDenoiser
 from n2ce_distill.nets import ToyMLP, tiny_unet
 from n2ce_distill.samplers import (
     ancestral_sample,
@@ -33,7 +33,7 @@ class GaussianOracle:
 def make_vp(num_train_timesteps=1000, **sched_kw):
     torch.manual_seed(0)
     unet = tiny_unet(8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4).eval()
-    return VPEpsilonDenoiser(unet, DDPMScheduler(num_train_timesteps=num_train_timesteps, **sched_kw))
+    return VPDenoiser(unet, DDPMScheduler(num_train_timesteps=num_train_timesteps, **sched_kw))
 
 
 def assert_schedule(sigmas, n):

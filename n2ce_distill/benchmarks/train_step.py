@@ -42,7 +42,7 @@ def _ddpm_cifar10(path: Path) -> Path:
     """google/ddpm-cifar10-32's UNet and scheduler configuration (35.7M parameters), random weights."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from ..denoisers import VPEpsilonDenoiser
+    from ..denoisers import VPDenoiser
 
     unet = UNet2DModel(
         sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
@@ -50,7 +50,7 @@ def _ddpm_cifar10(path: Path) -> Path:
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         freq_shift=1, flip_sin_to_cos=False, norm_eps=1e-6, downsample_padding=0,
     )
-    VPEpsilonDenoiser(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)).save_pretrained(path)
+    VPDenoiser(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)).save_pretrained(path)
     return path
 
 

@@ -14,20 +14,23 @@ from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors import SafetensorError
 from torch import nn
 
+from ..conditions import ClassConditions, Conditions, PromptConditions, repeat_rows
 from ..config import CriticConfig, RecipeConfig
 from ..critics import EncoderFeatures
-from ..data import balanced_labels
-from ..denoisers import Denoiser, load_denoiser
+from ..denoisers import Denoiser, load_denoiser, per_sample
 from ..errors import InputError
 from ..fewstep import FewStepSampler
+from ..latent import LatentSpace, PixelSpace, load_text_components
+from ..lora import add_lora, has_lora, save_lora_weights
 from ..objectives import CriticObjective, build_objective
 from ..pipelines import FewStepPipeline
 
-__all__ = ["Method", "Nets", "Processes", "ScoreDistillation", "StepOutput", "StudentMethod", "Update", "critic_objective",
-           "load_teacher", "unwrap"]
+__all__ = ["LoadedTeacher", "Method", "Nets", "Processes", "ScoreDistillation", "StepOutput", "StudentMethod", "Update",
+           "critic_objective", "load_teacher", "unwrap"]
 
 
 class Update(Protocol):
@@ -107,8 +110,12 @@ class Method(ABC):
     ``self.frozen`` holds modules that are moved to the device but never trained (teachers).
     ``self.objective`` is the critic objective of methods that train a critic. Random numbers that must
     agree across processes are drawn through ``self.processes`` (:class:`Processes`). ``num_classes`` is the
-    data's number of classes (``None``: unlabelled data, an unconditional loop); a conditional method's
-    :meth:`training_step` gets each batch's labels and its :meth:`generate` draws every class equally often.
+    data's number of classes (``None``: unlabelled data, an unconditional loop). ``self.conditions``
+    (:class:`~n2ce_distill.conditions.Conditions`) says what the nets are conditioned on: a conditional method's
+    :meth:`training_step` gets each batch's condition (``conditions.encode`` of its labels: class indices, or
+    prompt embeddings) and its :meth:`generate` draws every class or prompt equally often. ``self.space`` maps
+    data images to what the nets read (:class:`~n2ce_distill.latent.PixelSpace` or, for a latent teacher,
+    :class:`~n2ce_distill.latent.LatentSpace`): a step encodes the data it reads, :meth:`generate` decodes.
     """
 
     def __init__(self, recipe: RecipeConfig, num_classes: int | None = None):
@@ -117,6 +124,8 @@ class Method(ABC):
         self.nets = Nets()
         self.frozen: dict[str, nn.Module] = {}
         self.processes = Processes()  # the trainer hands over its own at start
+        self.conditions: Conditions = Conditions() if num_classes is None else ClassConditions(num_classes)
+        self.space: PixelSpace | LatentSpace = PixelSpace()
 
     @abstractmethod
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -130,8 +139,8 @@ class Method(ABC):
     @abstractmethod
     def training_step(self, batch: torch.Tensor, step: int, update: Update,
                       labels: torch.Tensor | None = None) -> StepOutput:
-        """Run one iteration on a data batch (and its class labels (B,), for a conditional method), calling
-        ``update`` once per optimiser."""
+        """Run one iteration on a data batch (and its condition: ``self.conditions.encode`` of its labels, for a
+        conditional method), calling ``update`` once per optimiser."""
 
     @abstractmethod
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -139,8 +148,9 @@ class Method(ABC):
         equally often (:meth:`sample_labels`) for a conditional method."""
 
     def sample_labels(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
-        """Class-balanced labels for ``batch_size`` samples (``None`` for an unconditional method)."""
-        return None if self.num_classes is None else balanced_labels(batch_size, self.num_classes, device)
+        """The conditions of ``batch_size`` samples, every class or prompt equally often (``None`` for an
+        unconditional method)."""
+        return self.conditions.sample(batch_size, device)
 
     @abstractmethod
     def export(self, model: nn.Module, directory: Path) -> None:
@@ -157,15 +167,23 @@ class Method(ABC):
     def reading(*modules: nn.Module) -> Iterator[None]:
         """Forward passes through networks that are read, not trained, here (a critic judging the sampler's
         output): their weights stop requiring gradients for the duration, so autograd keeps no graph for them;
-        gradients still flow through them to their inputs."""
+        gradients still flow through them to their inputs. Their gradient checkpointing pauses too: a block
+        recomputed in the backward pass, when the weights require gradients again, would save other tensors than
+        its forward did (torch refuses it; measured on DMD2's generator step)."""
         params = [p for module in modules for p in module.parameters() if p.requires_grad]
+        checkpointed = [block for module in modules for block in module.modules()
+                        if getattr(block, "gradient_checkpointing", False) is True]
         for p in params:
             p.requires_grad_(False)
+        for block in checkpointed:
+            block.gradient_checkpointing = False
         try:
             yield
         finally:
             for p in params:
                 p.requires_grad_(True)
+            for block in checkpointed:
+                block.gradient_checkpointing = True
 
     def adam(self, **groups: Iterable[nn.Parameter]) -> torch.optim.Adam:
         """One Adam over parameter groups named as recipe ``optim`` entries, each with its own lr and betas
@@ -189,10 +207,33 @@ class StudentMethod(Method):
     SiD's and DMD2's students): it samples every class equally often and exports as a :class:`FewStepPipeline`."""
 
     def generate(self, model: nn.Module, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return model.sample(batch_size, generator=generator, class_labels=self.sample_labels(batch_size, model.sigmas.device))
+        conditions = self.sample_labels(batch_size, model.sigmas.device)
+        return self.space.decode(model.sample(batch_size, generator=generator, class_labels=conditions))
 
     def export(self, model: nn.Module, directory: Path) -> None:
-        FewStepPipeline.from_sampler(model).save_pretrained(directory)
+        """The student pipeline (a LoRA student's adapters folded in) and, for a LoRA student of a Stable-Diffusion
+        UNet, its adapters alone in ``lora/``, loadable onto the teacher's ``StableDiffusionPipeline``."""
+        encoder = getattr(self.conditions, "encoder", None)
+        FewStepPipeline.from_sampler(model, self.space, encoder).save_pretrained(directory)
+        net = model.denoiser.net
+        if has_lora(net) and isinstance(net, UNet2DConditionModel):
+            save_lora_weights(net, Path(directory) / "lora")
+
+    def trainable_copy(self, teacher: Denoiser) -> Denoiser:
+        """A copy of the teacher to train: all its weights, or LoRA adapters alone (``method.lora_rank``)."""
+        copied = copy.deepcopy(teacher).requires_grad_(True)
+        if self.recipe.method.lora_rank is not None:
+            add_lora(copied.net, self.recipe.method.lora_rank, self.recipe.method.lora_alpha)
+        return copied
+
+    def use_teacher(self, teacher: "LoadedTeacher") -> Denoiser:
+        """Adopt a loaded teacher's space and conditions (its VAE and text encoder join ``self.frozen``)."""
+        self.space, self.conditions = teacher.space, teacher.conditions
+        if isinstance(teacher.space, LatentSpace):
+            self.frozen["vae"] = teacher.space
+        if isinstance(teacher.conditions, PromptConditions):
+            self.frozen["text_encoder"] = teacher.conditions.encoder
+        return teacher.denoiser
 
 
 class ScoreDistillation(StudentMethod):
@@ -200,12 +241,13 @@ class ScoreDistillation(StudentMethod):
     (:meth:`build_generator`) both initialised from it; with ``method.adversarial``, a critic reads the fake score
     network's bottleneck through ``self.encoder``. The generator is the EMA network."""
 
-    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None,
+                 prompts: list[str] | None = None):
         super().__init__(recipe, num_classes)
-        teacher = load_teacher(recipe, sample_shape, num_classes)
+        teacher = self.use_teacher(load_teacher(recipe, sample_shape, num_classes, prompts))
         self.frozen["teacher"] = teacher.requires_grad_(False)
-        self.nets["fake_score"] = copy.deepcopy(teacher).requires_grad_(True)
-        self.nets["generator"] = self.build_generator(copy.deepcopy(teacher).requires_grad_(True))
+        self.nets["fake_score"] = self.trainable_copy(teacher)
+        self.nets["generator"] = self.build_generator(self.trainable_copy(teacher))
         fake = self.nets.read["fake_score"].net
         self.encoder = EncoderFeatures(fake, "method.adversarial") if recipe.method.adversarial else None
         self.objective = critic_objective(recipe.critic)
@@ -213,6 +255,18 @@ class ScoreDistillation(StudentMethod):
     @abstractmethod
     def build_generator(self, denoiser: Denoiser) -> FewStepSampler:
         """The generator around ``denoiser`` (the teacher's copy that it trains)."""
+
+    def fake_score_pass(self, x_g: torch.Tensor, batch: torch.Tensor, sigma: torch.Tensor,
+                        labels: torch.Tensor | None) -> torch.Tensor:
+        """The fake score network, trained, on the noised generated samples ``x_g + sigma n`` and, when a critic
+        reads its bottleneck, on the noised data batch too, at the same ``sigma`` row for row (one pass: the
+        critic's features come from it). Returns the denoised rows, generated first."""
+        halves = 1 if self.encoder is None else 2
+        samples = x_g if halves == 1 else torch.cat([x_g, self.space.encode(batch)])  # data only for the critic
+        noise = torch.cat([self.processes.randn(len(x_g), *x_g.shape[1:], device=x_g.device) for _ in range(halves)])
+        sigmas = sigma.repeat(halves)
+        return self.nets.train["fake_score"](samples + per_sample(sigmas, noise) * noise, sigmas,
+                                             repeat_rows(labels, halves))
 
     @property
     def ema_name(self) -> str:
@@ -230,9 +284,22 @@ def critic_objective(cfg: CriticConfig) -> CriticObjective:
     return build_objective(cfg.objective, ratio_reg=cfg.ratio_reg, **cfg.objective_parameters())
 
 
-def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None) -> Denoiser:
-    """The recipe's teacher as a sigma-space denoiser, checked against the data's sample shape and classes
-    (``num_classes``: the data's, ``None`` for unlabelled data) and against ``teacher.guidance_scale``.
+@dataclass
+class LoadedTeacher:
+    """A teacher as the loops read it: its sigma-space denoiser, the space it works in (pixels, or a VAE's
+    latents) and the conditions it reads (none, classes, or the data's prompts through its text encoder)."""
+
+    denoiser: Denoiser
+    space: PixelSpace | LatentSpace
+    conditions: Conditions
+
+
+def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None,
+                 prompts: list[str] | None = None) -> LoadedTeacher:
+    """The recipe's teacher, checked against the data: its samples' shape (``sample_shape``, the data's images,
+    encoded by the teacher's VAE where it has one), its classes (``num_classes``: the data's, ``None`` for
+    unlabelled data) or its captions (``prompts``: the data's, for a text-conditioned teacher), and
+    ``teacher.guidance_scale``.
 
     Whatever stops it from loading (a hub id that cannot be reached, a broken ``config.json``, missing or
     truncated weights) is one ``ValueError`` naming ``teacher.path``.
@@ -240,20 +307,43 @@ def load_teacher(recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classe
     path = recipe.teacher.path
     try:
         teacher = load_denoiser(path, c_noise=recipe.teacher.c_noise)
+        space, encoder = load_text_components(path)
     except (OSError, ValueError, SafetensorError) as error:  # OSError covers the hub's connection errors
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hint = (f"; download it where there is a network (huggingface-cli download {path} --local-dir DIR) "
                 "and set teacher.path=DIR" if not Path(path).exists() else "")
         raise InputError(f"teacher.path {path!r}: cannot load the teacher ({reason[:200]}){hint}") from None
-    if tuple(teacher.sample_shape) != tuple(sample_shape):
+    space = space or PixelSpace()
+    if tuple(teacher.sample_shape) != space.encoded_shape(sample_shape):
+        encoded = "" if isinstance(space, PixelSpace) else f" (latents {space.encoded_shape(sample_shape)})"
         raise InputError(
-            f"data.image_size: data samples have shape {tuple(sample_shape)} but teacher "
+            f"data.image_size: data samples have shape {tuple(sample_shape)}{encoded} but teacher "
             f"{recipe.teacher.path!r} expects {tuple(teacher.sample_shape)}"
         )
-    _check_classes(teacher, recipe, num_classes)
-    return teacher
+    if teacher.text_features is None:
+        if prompts is not None:
+            raise InputError(f"data.caption_column: teacher {path!r} reads no prompts; leave data.caption_column unset")
+        _check_classes(teacher, recipe, num_classes)
+        return LoadedTeacher(teacher, space, Conditions() if num_classes is None else ClassConditions(num_classes))
+    return LoadedTeacher(teacher, space, _prompt_conditions(teacher, encoder, recipe, prompts))
 
 
+def _prompt_conditions(teacher: Denoiser, encoder, recipe: RecipeConfig, prompts: list[str] | None) -> PromptConditions:
+    """A text-conditioned teacher's conditions: the data's prompts through the folder's text encoder, whose empty
+    prompt is the teacher's "no prompt" for guidance."""
+    path = recipe.teacher.path
+    if encoder is None:
+        raise InputError(f"teacher.path {path!r}: its net reads prompts, but the folder has no text_encoder/ and "
+                         "tokenizer/")
+    if encoder.features != teacher.text_features:
+        raise InputError(f"teacher.path {path!r}: text_encoder/ gives {encoder.features}-wide embeddings, the net "
+                         f"reads {teacher.text_features}")
+    if prompts is None:
+        raise InputError(f"data.caption_column: teacher {path!r} is text-conditioned; use captioned data "
+                         "(an image folder with metadata.jsonl, data.caption_column=text)")
+    teacher.set_null_prompt(encoder([""]))
+    teacher.check_guidance(recipe.teacher.guidance_scale, "teacher.guidance_scale", f"teacher {path!r}")
+    return PromptConditions(prompts, encoder)
 def _check_classes(teacher: Denoiser, recipe: RecipeConfig, num_classes: int | None) -> None:
     path, classes = recipe.teacher.path, teacher.num_classes
     if classes is None and teacher.net.config.get("class_embed_type") is not None:

@@ -43,10 +43,12 @@ from .sid import MIN_NORMALISER
 
 __all__ = ["DMD2"]
 
+EDM_SIGMA_MAX = 80.0  # the top of DMD2's EDM noise ramp
 
 class DMD2(ScoreDistillation):
-    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
-        super().__init__(recipe, sample_shape, num_classes)
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None,
+                 prompts: list[str] | None = None):
+        super().__init__(recipe, sample_shape, num_classes, prompts)
         if self.encoder is not None:  # the head reads the mid block's input: the last down block's width
             self.nets["gan_head"] = BottleneckHead(self.nets.read["fake_score"].net.config.block_out_channels[-1])
         self._generator_logs: dict[str, torch.Tensor] = {}
@@ -59,8 +61,11 @@ class DMD2(ScoreDistillation):
         first = high if opts.sigma_init is None else opts.sigma_init
         if not low < first <= high:
             raise InputError(f"method.sigma_init: {first:g} is outside the teacher's noise range ({low:g}, {high:g}]")
-        if opts.sigma_max > high * (1 + 1e-6):
+        if opts.sigma_max is not None and opts.sigma_max > high * (1 + 1e-6):
             raise InputError(f"method.sigma_max: {opts.sigma_max:g} is above the teacher's largest noise level {high:g}")
+        self.ramp_max = min(EDM_SIGMA_MAX, high) if opts.sigma_max is None else opts.sigma_max
+        if opts.sigma_min >= self.ramp_max:
+            raise InputError(f"method.sigma_min: {opts.sigma_min:g} is not below the ramp's top {self.ramp_max:g}")
         levels = karras_ramp(torch.arange(opts.num_steps, dtype=torch.float64) / opts.num_steps, low, first)
         return FewStepSampler(denoiser, torch.cat([levels, levels.new_zeros(1)]), renoise=True)
 
@@ -97,9 +102,8 @@ class DMD2(ScoreDistillation):
 
     def _ramp(self, low: float, high: float, batch_size: int, device: torch.device) -> torch.Tensor:
         """Noise levels at ``t ~ U[low, high]`` on the Karras ramp of ``[method.sigma_min, method.sigma_max]``."""
-        opts = self.recipe.method
         t = low + (high - low) * self.processes.draw(lambda n: torch.rand(n, device=device), batch_size)
-        return karras_ramp(t, opts.sigma_min, opts.sigma_max)
+        return karras_ramp(t, self.recipe.method.sigma_min, self.ramp_max)
 
     def _generator_loss(self, x_g: torch.Tensor, labels: torch.Tensor | None, step: int) -> tuple[torch.Tensor, dict]:
         opts, B = self.recipe.method, x_g.shape[0]
@@ -139,11 +143,7 @@ class DMD2(ScoreDistillation):
         # fake score (+ critic) on this iteration's samples: the real rows only feed the critic
         sigma = self._ramp(0.0, 1.0, B, device)
         weight = 1 / sigma**2 + 1 / sd**2
-        halves = 2 if self.encoder is not None else 1
-        noise = torch.cat([self.processes.randn(B, *batch.shape[1:], device=device) for _ in range(halves)])
-        inputs = torch.cat([x_g, batch][:halves]) + per_sample(sigma.repeat(halves), noise) * noise
-        denoised = self.nets.train["fake_score"](inputs, sigma.repeat(halves),
-                                                 None if labels is None else labels.repeat(halves))
+        denoised = self.fake_score_pass(x_g, batch, sigma, labels)
         fake_loss = (per_sample(weight, x_g) * (denoised[:B].float() - x_g.float()).pow(2)).mean()
         logs["loss_fake_score"] = fake_loss.detach()
         critic_logits = None

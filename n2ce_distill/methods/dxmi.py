@@ -26,16 +26,14 @@ and the correction ``U(x, k, y)`` are projection-conditional and the sampler is 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
+from ..conditions import repeat_rows
 from ..config import RecipeConfig
 from ..critics import build_critic
 from ..errors import InputError
 from ..fewstep import FewStepSampler
-from ..pipelines import clamp_images
 from ..samplers import few_step_sigmas
 from .base import StepOutput, StudentMethod, Update, critic_objective, load_teacher
 
@@ -45,22 +43,25 @@ SAMPLER_CLIP = 0.1  # DxMI clips the sampler's gradient norm at 0.1
 
 
 class DxMI(StudentMethod):
-    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None,
+                 prompts: list[str] | None = None):
         super().__init__(recipe, num_classes)
         opts = recipe.method
-        teacher = load_teacher(recipe, sample_shape, num_classes)
+        teacher = self.use_teacher(load_teacher(recipe, sample_shape, num_classes, prompts))
+        shape, text_features = teacher.sample_shape, teacher.text_features  # latents, for a latent teacher
         try:
             sigmas = few_step_sigmas(teacher, opts.num_steps, spacing=opts.spacing)
         except ValueError as error:  # a spacing this teacher's schedule cannot give
             raise InputError(f"method.spacing: {error}") from None
-        self.nets["sampler"] = FewStepSampler(copy.deepcopy(teacher).requires_grad_(True), sigmas, opts.last_scale,
+        self.nets["sampler"] = FewStepSampler(self.trainable_copy(teacher), sigmas, opts.last_scale,
                                               eta=opts.eta, guidance_scale=recipe.teacher.guidance_scale)
-        self.nets["critic"] = build_critic(recipe.critic, sample_shape, num_classes=num_classes)
+        self.nets["critic"] = build_critic(recipe.critic, shape, num_classes=num_classes, text_features=text_features)
         if not opts.share_value:
             # U starts at 0, so V starts as the critic's energy: a freshly initialised value network's
             # gradients are a smooth random field that the sampler would follow before TD has taught it
             # anything (measured on digits: FID 11.6 -> 22 in 100 iterations, against 4.7 with U = 0)
-            value = build_critic(recipe.critic, sample_shape, conditioned=True, num_classes=num_classes)
+            value = build_critic(recipe.critic, shape, conditioned=True, num_classes=num_classes,
+                                 text_features=text_features)
             nn.init.zeros_(value.out.weight)
             nn.init.zeros_(value.out.bias)
             self.nets["value"] = value
@@ -92,7 +93,7 @@ class DxMI(StudentMethod):
         ``U``: the bare one by default, since the value is read, not trained, there (and so never enters a
         distributed gradient reduction).
         """
-        energy = -self.nets.read["critic"](clamp_images(x), class_labels=labels)
+        energy = -self.nets.read["critic"](self.space.clamp(x), class_labels=labels)
         if "value" not in self.nets:
             return energy
         correction = correction or self.nets.read["value"]
@@ -117,6 +118,7 @@ class DxMI(StudentMethod):
                       labels: torch.Tensor | None = None) -> StepOutput:
         opts = self.recipe.method
         sampler, bare_sampler = self.nets.train["sampler"], self.nets.read["sampler"]
+        batch = self.space.encode(batch)
         B, T, device = batch.shape[0], opts.num_steps, batch.device
         shape = tuple(batch.shape[1:])
         with torch.no_grad(), self.phase("trajectory"):
@@ -133,9 +135,8 @@ class DxMI(StudentMethod):
         # the digits' pixels sit exactly at -1, a boundary unclamped samples can only approach, and a critic
         # that tells them apart there led the sampler into speckled backgrounds (digits, one seed: FID 4.5 ->
         # 12-15 by 350 iterations unclamped; clamped, 3.7-5.9 up to 400, and ~3 up to 800 with sampler_steps_from 2)
-        both_labels = None if labels is None else labels.repeat(2)
-        logits_data, logits_noise = self.nets.train["critic"](torch.cat([batch, clamp_images(traj[-1])]),
-                                                              class_labels=both_labels).split(B)
+        logits_data, logits_noise = self.nets.train["critic"](torch.cat([batch, self.space.clamp(traj[-1])]),
+                                                              class_labels=repeat_rows(labels, 2)).split(B)
         critic_loss = self.objective(logits_data, logits_noise)
         update("critic", critic_loss)
         logs = {"loss_critic": critic_loss.detach()}
@@ -147,7 +148,7 @@ class DxMI(StudentMethod):
         if "value" in self.nets and first < T:
             n = T - first
             k_all = torch.arange(first, T).repeat_interleave(B)  # on the host: see value()
-            row_labels = None if labels is None else labels.repeat(n)  # rows are step-major, as k_all
+            row_labels = repeat_rows(labels, n)  # rows are step-major, as k_all
             with torch.no_grad():
                 target = self.value(x_next[first:].reshape(n * B, *shape), k_all + 1, row_labels)
             with self.reading(self.nets.read["critic"]):

@@ -15,6 +15,9 @@ Every loss is a sum over its elements (pixels for the score terms, logit positio
 a mean over the batch, as in SiD's and EDM's training code: the balance between the score terms and
 the critic terms then follows the ratio of pixels to logit positions, as in SiDA, at any resolution.
 
+Plain SiD reads no data (only its batch size and labels or captions): it is data-free, as SiD-LSG distils
+Stable Diffusion from prompts alone (``data.name: prompts``).
+
 Class-conditional (labelled data and a conditional teacher): the generator draws each sample for its data row's
 label; the teacher (guided by ``teacher.guidance_scale``, as SiD-LSG and SiDA guide it) and the fake score
 network read the same labels, and so does the SiDA critic, whose logits are the fake score network's encoder
@@ -39,8 +42,9 @@ MIN_NORMALISER = 1e-5  # floor on w = mean |x_g - D_phi|
 
 
 class SiD(ScoreDistillation):
-    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
-        super().__init__(recipe, sample_shape, num_classes)
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None,
+                 prompts: list[str] | None = None):
+        super().__init__(recipe, sample_shape, num_classes, prompts)
         # nonsat: the objective's own consistent term (softplus(log M - l) for N²CE); kl: the reward -l
         nonsat = recipe.method.generator_loss == "nonsat"
         self.generator_term = self.objective.generator_loss if nonsat else generator_reverse_kl
@@ -79,9 +83,7 @@ class SiD(ScoreDistillation):
             x_g = self._generate(B, device, labels)
         sigma = (FAKE_P_MEAN + FAKE_P_STD * self.processes.randn(B, device=device)).exp()
         weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
-        noise = torch.cat([self.processes.randn(B, *batch.shape[1:], device=device) for _ in range(2)])
-        inputs = torch.cat([x_g, batch]) + per_sample(sigma.repeat(2), noise) * noise
-        denoised = self.nets.train["fake_score"](inputs, sigma.repeat(2), None if labels is None else labels.repeat(2))
+        denoised = self.fake_score_pass(x_g, batch, sigma, labels)
         fake_loss = (weight * (denoised[:B] - x_g).pow(2).flatten(1).sum(1)).mean()
         logs = {"loss_fake_score": fake_loss.detach()}
         critic_logits = None
@@ -100,7 +102,7 @@ class SiD(ScoreDistillation):
         x_g = self._generate(B, device, labels)
         t = opts.t_max * self.processes.draw(lambda n: torch.rand(n, device=device), B)
         sigma = karras_ramp(1 - t, opts.sigma_min, opts.sigma_max)
-        x_t = x_g + per_sample(sigma, x_g) * self.processes.randn(B, *batch.shape[1:], device=device)
+        x_t = x_g + per_sample(sigma, x_g) * self.processes.randn(B, *x_g.shape[1:], device=device)
         # the fake score network is read, not trained, here: its bare module keeps it out of DDP's reduction, and
         # reading() keeps autograd from building a graph for its weights (the encoder's logits come from this pass)
         with self.reading(self.nets.read["fake_score"]):

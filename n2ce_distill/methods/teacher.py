@@ -4,7 +4,9 @@ Loss ``lambda(s) ||D(x + s n; s) - x||^2`` with the denoiser's own noise-level d
 weight: the EDM loss for EDM models and exactly DDPM's epsilon MSE for VP models. On labelled data the
 net is class-conditional, and with ``method.net.label_dropout = p`` a share p of the labels is replaced
 by a null class (one more row of the class table), so that the same net also learns the unconditional
-denoiser that classifier-free guidance reads (Ho and Salimans 2022).
+denoiser that classifier-free guidance reads (Ho and Salimans 2022). On captioned data the net is a
+``UNet2DConditionModel`` reading each caption's embedding from a small frozen CLIP text encoder, and the dropped
+captions become the empty prompt; the exported folder holds the text encoder and tokenizer beside the net.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from ..config import RecipeConfig
-from ..denoisers import EDMDenoiser, VPEpsilonDenoiser
-from ..nets import ToyMLP, tiny_unet
+from ..errors import InputError
+from ..conditions import PromptConditions
+from ..denoisers import EDMDenoiser, VPDenoiser, per_sample
+from ..latent import PromptEncoder
+from ..nets import ToyMLP, save_text_components, tiny_clip, tiny_text_unet, tiny_unet
 from ..samplers import teacher_sample
 from .base import Method, StepOutput, Update
 
@@ -27,13 +32,21 @@ PREVIEW_STEPS = 50  # Euler steps for sample grids while training (the 1000-step
 
 
 class TeacherTraining(Method):
-    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None):
+    def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None,
+                 prompts: list[str] | None = None):
         super().__init__(recipe, num_classes)
         net_cfg = recipe.method.net
         # the null class is the table's last row
         self.null_class = num_classes if num_classes is not None and net_cfg.label_dropout > 0 else None
         table = None if num_classes is None else num_classes + (self.null_class is not None)
-        if len(sample_shape) == 3:
+        if prompts is not None:
+            if len(sample_shape) != 3:
+                raise InputError("data.caption_column: a text-conditioned teacher is a UNet over images")
+            encoder = PromptEncoder(*tiny_clip(net_cfg.text_features))
+            self.conditions, self.frozen["text_encoder"] = PromptConditions(prompts, encoder), encoder
+            net = tiny_text_unet(sample_shape[-1], sample_shape[0], tuple(net_cfg.block_out_channels),
+                                 net_cfg.text_features, outer_attention=False)
+        elif len(sample_shape) == 3:
             net = tiny_unet(sample_shape[-1], sample_shape[0], block_out_channels=tuple(net_cfg.block_out_channels),
                             num_class_embeds=table)
         else:
@@ -43,9 +56,11 @@ class TeacherTraining(Method):
                          time_embedding_type=embedding, num_class_embeds=table)
         if net_cfg.parameterization == "vp-eps":
             scheduler = DDPMScheduler(num_train_timesteps=net_cfg.num_train_timesteps)
-            self.nets["denoiser"] = VPEpsilonDenoiser(net, scheduler, null_class=self.null_class)
+            self.nets["denoiser"] = VPDenoiser(net, scheduler, null_class=self.null_class)
         else:
             self.nets["denoiser"] = EDMDenoiser(net, sigma_data=net_cfg.sigma_data, null_class=self.null_class)
+        if prompts is not None:  # the empty prompt is the "no prompt" that label dropout trains and guidance reads
+            self.nets.read["denoiser"].set_null_prompt(encoder([""]))
 
     @property
     def ema_name(self) -> str:
@@ -59,9 +74,10 @@ class TeacherTraining(Method):
         denoiser = self.nets.read["denoiser"]
         sigma = self.processes.draw(denoiser.sample_training_sigmas, len(batch)).to(batch.device)
         noise = self.processes.randn(len(batch), *batch.shape[1:], device=batch.device)
-        if self.null_class is not None:
+        if labels is not None and denoiser.can_guide and self.recipe.method.net.label_dropout > 0:
             dropped = self.processes.draw(lambda n: torch.rand(n, device=batch.device), len(batch))
-            labels = labels.masked_fill(dropped < self.recipe.method.net.label_dropout, self.null_class)
+            dropped = per_sample(dropped < self.recipe.method.net.label_dropout, labels)
+            labels = torch.where(dropped, denoiser.null_condition(labels), labels)
         loss = denoiser.denoising_loss(batch, labels, sigma=sigma, noise=noise, model=self.nets.train["denoiser"]).mean()
         update("denoiser", loss)
         return StepOutput({"loss_denoise": loss.detach()})
@@ -73,4 +89,6 @@ class TeacherTraining(Method):
 
     def export(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
+        if isinstance(self.conditions, PromptConditions):  # what distillation reads the prompts with
+            save_text_components(directory, self.conditions.encoder.tokenizer, self.conditions.encoder.text_encoder)
 
