@@ -116,41 +116,58 @@ def load_text_components(root: str | os.PathLike, **from_pretrained_kwargs) -> t
     ``None`` where the folder has no such component (a pixel teacher: ``(None, None)``). Weights load from
     safetensors only (no pickle is ever read). ``from_pretrained_kwargs`` go to every loader (``revision``,
     ``local_files_only``, ...)."""
+    import warnings
+
+    from .denoisers import _DEPRECATED_HUB_ARGUMENT
+
+    with warnings.catch_warnings():  # the warning diffusers' hub calls raise, which says nothing to our users
+        warnings.filterwarnings("ignore", message=_DEPRECATED_HUB_ARGUMENT, category=UserWarning)
+        return _load_text_components(str(root), from_pretrained_kwargs)
+
+
+def _load_text_components(root: str, from_pretrained_kwargs: dict):
     from diffusers import AutoencoderKL, DiffusionPipeline
 
-    root = str(root)
     if os.path.isdir(root):
         index_file = Path(root) / "model_index.json"
-        components = set(_components(index_file.read_text())) if index_file.is_file() else set()
-    else:
+        components = _components(index_file.read_text()) if index_file.is_file() else {}
+    else:  # a hub id: the local cache alone when it holds the id (no minute of retries offline)
+        from .denoisers import _hub_files
+
+        from_pretrained_kwargs = _hub_files(root, from_pretrained_kwargs)
         try:
-            components = set(_components(DiffusionPipeline.load_config(root, **from_pretrained_kwargs)))
+            components = _components(DiffusionPipeline.load_config(root, **from_pretrained_kwargs))
         except OSError:
-            components = set()
+            components = {}
     space = encoder = None
-    if "vae" in components:
+    if "vae" in components:  # a dict: membership reads its keys
         space = LatentSpace(AutoencoderKL.from_pretrained(root, subfolder="vae", use_safetensors=True,
                                                           **from_pretrained_kwargs))
-    if {"text_encoder", "tokenizer"} <= components:
-        from transformers import AutoTokenizer, CLIPTextModel
+    if {"text_encoder", "tokenizer"} <= components.keys():
+        import transformers
 
-        tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer",
+        # the classes model_index.json names (SD-1/2: CLIPTokenizer, CLIPTextModel); AutoTokenizer would look for a
+        # config.json at the top of the folder, which a diffusers folder has not, and fail offline
+        tokenizer_cls = getattr(transformers, components["tokenizer"], transformers.AutoTokenizer)
+        encoder_cls = getattr(transformers, components["text_encoder"], transformers.CLIPTextModel)
+        tokenizer = tokenizer_cls.from_pretrained(root, subfolder="tokenizer",
                                                   **_without(from_pretrained_kwargs, "torch_dtype"))
-        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", use_safetensors=True,
-                                                     **_renamed_dtype(from_pretrained_kwargs))
+        text_encoder = encoder_cls.from_pretrained(root, subfolder="text_encoder", use_safetensors=True,
+                                                   **_renamed_dtype(from_pretrained_kwargs))
         encoder = PromptEncoder(tokenizer, text_encoder)
-    elif components & {"text_encoder", "tokenizer"}:
+    elif components.keys() & {"text_encoder", "tokenizer"}:
         raise InputError(f"{root}: a text-conditioned folder needs both text_encoder/ and tokenizer/")
     return space, encoder
 
 
-def _components(index) -> list[str]:
-    """The component names a ``model_index.json`` (text or dict) lists with a class (``[library, class]``)."""
+def _components(index) -> dict[str, str]:
+    """Component name -> class name of the components a ``model_index.json`` (text or dict) lists (``[library,
+    class]``)."""
     import json
 
     index = json.loads(index) if isinstance(index, str) else index
-    return [name for name, value in index.items()
-            if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None]
+    return {name: str(value[-1]) for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None}
 
 
 def _without(kwargs: dict, key: str) -> dict:

@@ -449,3 +449,17 @@ def test_cli_samples_and_scores_text_sources_by_prompt(recipe_file, sd_teacher, 
     assert "run" in capsys.readouterr().out
     assert main(["sample", str(tmp_path / "run"), "--num-samples", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--prompts: this source is text-conditioned" in capsys.readouterr().err
+
+
+def test_a_cached_hub_id_loads_its_text_components_from_the_cache_alone(sd_teacher, tmp_path):
+    """A hub id already in the local Hugging Face cache loads without reaching the hub (local files only)."""
+    import shutil
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--tiny--sd"
+    shutil.copytree(sd_teacher, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    denoiser = load_denoiser("tiny/sd", cache_dir=str(tmp_path / "hub"))
+    space, encoder = load_text_components("tiny/sd", cache_dir=str(tmp_path / "hub"))
+    assert denoiser.text_features == 32 and isinstance(space, LatentSpace) and encoder.features == 32
