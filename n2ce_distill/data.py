@@ -185,10 +185,7 @@ class ImageFolderDataset(Dataset):
         if caption_column is not None:
             if labels:
                 raise InputError("data.caption_column: captions replace class labels; set data.labels=false")
-            captions = _read_captions(self.root, caption_column, self.files)
-            self.prompts = sorted(set(captions))
-            index = {prompt: i for i, prompt in enumerate(self.prompts)}
-            self.targets = [index[caption] for caption in captions]
+            self.prompts, self.targets = _indexed(_read_captions(self.root, caption_column, self.files))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -229,6 +226,13 @@ def save_captioned_digits(root: str | os.PathLike, prompt: str = "the digit {nam
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
+def _indexed(captions: list[str]) -> tuple[list[str], list[int]]:
+    """The distinct captions, sorted, and each caption's index among them (the labels of a captioned data set)."""
+    prompts = sorted(set(captions))
+    index = {prompt: i for i, prompt in enumerate(prompts)}
+    return prompts, [index[caption] for caption in captions]
+
+
 def read_prompts(path: str | os.PathLike, key: str) -> list[str]:
     """The lines of a prompt file, in order, blank ones skipped; one line naming ``key`` if there are none."""
     path = Path(path)
@@ -249,10 +253,8 @@ class PromptDataset(Dataset):
     has_images = False
 
     def __init__(self, path: str | os.PathLike, image_size: int, channels: int = 3):
-        lines = read_prompts(path, "data.root")
-        self.prompts = sorted(set(lines))
-        index = {prompt: i for i, prompt in enumerate(self.prompts)}
-        self.targets = torch.tensor([index[line] for line in lines])
+        self.prompts, targets = _indexed(read_prompts(path, "data.root"))
+        self.targets = torch.tensor(targets)
         self.image_shape = (channels, image_size, image_size)
 
     def __len__(self) -> int:

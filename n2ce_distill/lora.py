@@ -9,7 +9,6 @@ diffusers' LoRA format, which ``StableDiffusionPipeline.load_lora_weights`` load
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -45,15 +44,15 @@ def has_lora(net: nn.Module) -> bool:
 
 
 def merged_net(net: nn.Module) -> nn.Module:
-    """A plain copy of a LoRA-adapted diffusers net (same class and config) whose weights are ``W + (alpha/r) B A``."""
+    """A plain copy of a LoRA-adapted diffusers net (same class and config) whose weights are ``W + (alpha/r) B A``:
+    the adapted net stays as it is, and only the plain copy is built (no copy of the adapted one)."""
     from peft.tuners.lora import LoraLayer
 
-    adapted = copy.deepcopy(net)
-    for module in adapted.modules():
-        if isinstance(module, LoraLayer):
-            module.merge()
-    state = {key.replace(".base_layer.", "."): value for key, value in adapted.state_dict().items()
-             if ".lora_" not in key}
+    with torch.no_grad():
+        deltas = {f"{name}.base_layer.weight": module.get_delta_weight(module.active_adapters[0])
+                  for name, module in net.named_modules() if isinstance(module, LoraLayer)}
+        state = {key.replace(".base_layer.", "."): value + deltas[key] if key in deltas else value
+                 for key, value in net.state_dict().items() if ".lora_" not in key}
     plain = type(net).from_config(net.config)
     plain.load_state_dict(state)
     return plain.to(next(net.parameters()).device)

@@ -22,8 +22,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.utils import BaseOutput
 from torch import nn
 
-__all__ = ["ToyMLP", "ToyMLPOutput", "save_text_components", "save_tiny_text_to_image", "tiny_clip", "tiny_text_unet",
-           "tiny_unet"]
+__all__ = ["ToyMLP", "ToyMLPOutput", "save_text_components", "save_text_to_image", "save_tiny_text_to_image",
+           "sd15_scheduler", "tiny_clip", "tiny_text_unet", "tiny_unet"]
 
 
 @dataclass
@@ -212,10 +212,7 @@ def save_tiny_text_to_image(
     ``tokenizer`` from :func:`tiny_clip`, ``scheduler`` SD-1.5's ``PNDMScheduler`` config with ``prediction_type``):
     the stand-in that tests and recipe smoke tests use for SD-1.5-class hub ids (no hub is reached). Returns the
     path."""
-    import json
-    from pathlib import Path
-
-    from diffusers import AutoencoderKL, PNDMScheduler
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     tokenizer, text_encoder = tiny_clip(text_features, max_length)
@@ -224,16 +221,31 @@ def save_tiny_text_to_image(
                         layers_per_block=1, norm_num_groups=4, sample_size=image_size) if latent else None
     unet = tiny_text_unet(image_size // 2 if latent else image_size, 4 if latent else channels,
                           text_features=text_features)
-    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-                              prediction_type=prediction_type)  # SD-1.5's scheduler config
+    return save_text_to_image(path, unet, sd15_scheduler(prediction_type), tokenizer, text_encoder, vae)
+
+
+def sd15_scheduler(prediction_type: str = "epsilon"):
+    """SD-1.5's scheduler config (a ``PNDMScheduler`` on the scaled-linear schedule), with ``prediction_type``."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type=prediction_type)
+
+
+def save_text_to_image(path, unet, scheduler, tokenizer, text_encoder, vae=None):
+    """Write components as a Stable-Diffusion-style folder (``model_index.json`` listing them; no ``vae/`` for a
+    pixel net) that :func:`~n2ce_distill.denoisers.load_denoiser` and diffusers both read. Returns the path."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+
     path = Path(path)
-    components = {"unet": ("diffusers", unet), "vae": ("diffusers", vae), "scheduler": ("diffusers", scheduler)}
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": __import__("diffusers").__version__}
-    for name, (library, component) in components.items():
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
+    for name, component in {"unet": unet, "vae": vae, "scheduler": scheduler}.items():
         if component is not None:
             component.save_pretrained(path / name)
-            index[name] = [library, type(component).__name__]
+            index[name] = ["diffusers", type(component).__name__]
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     save_text_components(path, tokenizer, text_encoder)
     return path

@@ -249,8 +249,10 @@ def test_a_pixel_text_teacher_needs_no_vae(recipe_file, captioned_digits, tmp_pa
 
 @pytest.mark.parametrize("loop", ["dxmi", "sid", "dmd2-few-step"])
 def test_prompt_embeddings_reach_every_network(loop, recipe_file, sd_teacher, captioned_digits):
-    """Every UNet call of a text loop (teacher, student, fake score) and DxMI's critics read, row by row, the
-    embedding of the caption of the data row they were drawn for, or (the guided teacher) the empty prompt's."""
+    """Every UNet call of a text loop (teacher, student, fake score) reads, row by row, the embedding of the
+    caption of the data row it was drawn for (rows ``i`` and ``i + B`` of a doubled batch: row ``i``'s), or (the
+    guided teacher's second half) the empty prompt's; DxMI's critics, which also score subsets of rows, read only
+    the batch's embeddings."""
     from diffusers import UNet2DConditionModel
 
     from test_conditional import plain_update  # the minimal update every loop test uses
@@ -270,19 +272,25 @@ def test_prompt_embeddings_reach_every_network(loop, recipe_file, sd_teacher, ca
             if isinstance(model, (UNet2DConditionModel, ConvCritic)):
                 key = "encoder_hidden_states" if isinstance(model, UNet2DConditionModel) else "class_labels"
                 model.register_forward_pre_hook(
-                    lambda _, args, kwargs, owner=owner, key=key: seen.append((owner, kwargs.get(key))), with_kwargs=True)
+                    lambda _, args, kwargs, owner=owner, key=key: seen.append((owner, key, kwargs.get(key))),
+                    with_kwargs=True)
     x, labels = next(infinite_loader(data, 8))
     condition = method.conditions.encode(labels)
     method.training_step(x, 0, plain_update(method), labels=condition)
-    allowed = torch.cat([condition, method.conditions.encoder([""])])
-    owners = {owner for owner, _ in seen}
+    empty = method.conditions.encoder([""])
+    same = lambda a, b: (a - b).abs().flatten(1).amax(1) < 1e-5  # noqa: E731  (per row)
+    owners = {owner for owner, _, _ in seen}
     assert owners >= {*teacher, *method.nets.read} - {"gan_head"}, owners
-    for owner, got in seen:
+    for owner, key, got in seen:
         assert got is not None and got.dim() == 3, owner
-        matches = (got[:, None] - allowed[None]).abs().flatten(2).amax(2) < 1e-5  # (rows, allowed)
-        assert matches.any(1).all(), owner
+        if key == "encoder_hidden_states":
+            own = condition.repeat(len(got) // len(condition), 1, 1)  # row i's caption, for every i
+            assert len(got) % len(condition) == 0 and (same(got, own) | same(got, empty)).all(), owner
+        else:
+            matches = (got[:, None] - condition[None]).abs().flatten(2).amax(2) < 1e-5  # (rows, batch rows)
+            assert matches.any(1).all(), owner
     if teacher:  # the guided teacher reads the empty prompt too
-        assert any(((got - allowed[-1]).abs().flatten(1).amax(1) < 1e-5).any() for owner, got in seen if owner == "teacher")
+        assert any(same(got, empty).any() for owner, _, got in seen if owner == "teacher")
 
 
 @pytest.mark.parametrize("loop", ["dxmi", "sid", "dmd2"])

@@ -25,30 +25,24 @@ ROOT = Path("/tmp/sd15-standin")
 
 def standin() -> Path:
     """SD-1.5's architecture (its diffusers configs, restated) with random weights."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from n2ce_distill.nets import save_text_components, tiny_clip
+    from n2ce_distill.nets import save_text_to_image, sd15_scheduler, tiny_clip
 
     teacher = ROOT / "teacher"
     if (teacher / "model_index.json").is_file():
         return teacher
     torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).save_pretrained(teacher / "unet")
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  layers_per_block=2, sample_size=512, scaling_factor=0.18215).save_pretrained(teacher / "vae")
-    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
-                  steps_offset=1, set_alpha_to_one=False).save_pretrained(teacher / "scheduler")
     tokenizer, _ = tiny_clip(768, max_length=77)  # a character-level stand-in for CLIP's BPE vocabulary
     encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                            bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "PNDMScheduler"]}
-    (teacher / "model_index.json").write_text(json.dumps(index))
-    save_text_components(teacher, tokenizer, encoder)
-    return teacher
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, sample_size=512, scaling_factor=0.18215)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    return save_text_to_image(teacher, unet, sd15_scheduler(), tokenizer, encoder, vae)
 
 
 def captioned_images() -> Path:

@@ -45,6 +45,10 @@ __all__ = ["DMD2"]
 
 EDM_SIGMA_MAX = 80.0  # the top of DMD2's EDM noise ramp
 
+
+def _ramp_top(sigma_max: float | None, teacher_max: float) -> float:
+    return min(EDM_SIGMA_MAX, teacher_max) if sigma_max is None else sigma_max
+
 class DMD2(ScoreDistillation):
     def __init__(self, recipe: RecipeConfig, sample_shape: tuple[int, ...], num_classes: int | None = None,
                  prompts: list[str] | None = None):
@@ -63,9 +67,9 @@ class DMD2(ScoreDistillation):
             raise InputError(f"method.sigma_init: {first:g} is outside the teacher's noise range ({low:g}, {high:g}]")
         if opts.sigma_max is not None and opts.sigma_max > high * (1 + 1e-6):
             raise InputError(f"method.sigma_max: {opts.sigma_max:g} is above the teacher's largest noise level {high:g}")
-        self.ramp_max = min(EDM_SIGMA_MAX, high) if opts.sigma_max is None else opts.sigma_max
-        if opts.sigma_min >= self.ramp_max:
-            raise InputError(f"method.sigma_min: {opts.sigma_min:g} is not below the ramp's top {self.ramp_max:g}")
+        top = _ramp_top(opts.sigma_max, high)
+        if opts.sigma_min >= top:
+            raise InputError(f"method.sigma_min: {opts.sigma_min:g} is not below the ramp's top {top:g}")
         levels = karras_ramp(torch.arange(opts.num_steps, dtype=torch.float64) / opts.num_steps, low, first)
         return FewStepSampler(denoiser, torch.cat([levels, levels.new_zeros(1)]), renoise=True)
 
@@ -104,6 +108,11 @@ class DMD2(ScoreDistillation):
         """Noise levels at ``t ~ U[low, high]`` on the Karras ramp of ``[method.sigma_min, method.sigma_max]``."""
         t = low + (high - low) * self.processes.draw(lambda n: torch.rand(n, device=device), batch_size)
         return karras_ramp(t, self.recipe.method.sigma_min, self.ramp_max)
+
+    @property
+    def ramp_max(self) -> float:
+        """The top of the noise ramp: ``method.sigma_max``, else EDM's 80 capped at the teacher's largest level."""
+        return _ramp_top(self.recipe.method.sigma_max, self.frozen["teacher"].sigma_max)
 
     def _generator_loss(self, x_g: torch.Tensor, labels: torch.Tensor | None, step: int) -> tuple[torch.Tensor, dict]:
         opts, B = self.recipe.method, x_g.shape[0]
