@@ -77,6 +77,7 @@ class Trainer:
             log_with=train.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
+        _check_launch(self.accelerator)
         set_seed(recipe.seed)
         self.dataset = dataset_from_config(recipe.data, recipe.seed)
         self.method = build_method(recipe, self.dataset)
@@ -409,6 +410,28 @@ def _read(values: list[torch.Tensor]) -> list[float]:
 
 def _lr_and_betas(group: dict) -> dict:
     return {"lr": group["lr"], "betas": tuple(group["betas"])}  # a loaded state holds betas as a list
+
+
+def _check_launch(accelerator: Accelerator) -> None:
+    """The processes the launcher started are the ones Accelerate distributes, with data parallelism (DDP or one
+    process); checked before anything is written.
+
+    Without a GPU, Accelerate turns an FSDP (or DeepSpeed) launch config into independent single processes, which
+    would all train into the same folder. FSDP and DeepSpeed themselves are refused: the EMA copy, the export and
+    the reads of a network under :meth:`Method.reading` assume every process holds whole weights (an FSDP shard
+    would meet the EMA's whole tensors at its first update), and this cannot be tested on CPU processes.
+    """
+    from accelerate.utils import DistributedType
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise InputError(f"launch: {launched} processes were started but Accelerate distributes "
+                         f"{accelerator.num_processes} ({accelerator.distributed_type.value}), so each would train alone "
+                         "into the same folder; Accelerate distributes CPU processes only with distributed_type: MULTI_CPU")
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise InputError(f"launch: distributed_type {accelerator.distributed_type.value} is not supported (the EMA, "
+                         "export and checkpoints assume whole weights on every process); use MULTI_GPU (DDP), with "
+                         "method.lora_rank and train.gradient_checkpointing to fit a large teacher")
 
 
 def _check_tracker(name: str) -> None:
