@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from ema_pytorch import EMA
 from tqdm.auto import tqdm
 
@@ -413,25 +413,24 @@ def _lr_and_betas(group: dict) -> dict:
 
 
 def _check_launch(accelerator: Accelerator) -> None:
-    """The processes the launcher started are the ones Accelerate distributes, with data parallelism (DDP or one
-    process); checked before anything is written.
+    """The processes the launcher started (its ``WORLD_SIZE``, where it sets one) are the ones Accelerate
+    distributes, by data parallelism (DDP, or one process); checked before anything is written.
 
-    Without a GPU, Accelerate turns an FSDP (or DeepSpeed) launch config into independent single processes, which
-    would all train into the same folder. FSDP and DeepSpeed themselves are refused: the EMA copy, the export and
-    the reads of a network under :meth:`Method.reading` assume every process holds whole weights (an FSDP shard
-    would meet the EMA's whole tensors at its first update), and this cannot be tested on CPU processes.
+    Measured here: without a GPU, Accelerate turns an FSDP launch config into independent single processes, which
+    all trained into the same folder and collided at the first checkpoint. FSDP, DeepSpeed and Megatron-LM are
+    refused: the trainer is built and tested for data parallelism only (its EMA copy and export read whole weights,
+    where FSDP gives each process DTensor shards), and Accelerate sets them up only on GPUs, so they cannot be
+    tested on CPU processes.
     """
-    from accelerate.utils import DistributedType
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is not None and int(launched) != accelerator.num_processes:
         raise InputError(f"launch: {launched} processes were started but Accelerate distributes "
                          f"{accelerator.num_processes} ({accelerator.distributed_type.value}), so each would train alone "
-                         "into the same folder; Accelerate distributes CPU processes only with distributed_type: MULTI_CPU")
+                         "into the same folder; on CPUs launch with ACCELERATE_USE_CPU=true torchrun (see the README)")
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise InputError(f"launch: distributed_type {accelerator.distributed_type.value} is not supported (the EMA, "
-                         "export and checkpoints assume whole weights on every process); use MULTI_GPU (DDP), with "
-                         "method.lora_rank and train.gradient_checkpointing to fit a large teacher")
+        raise InputError(f"launch: distributed_type {accelerator.distributed_type.value} is not supported (the trainer "
+                         "is built and tested for data parallelism only); use MULTI_GPU (DDP), with method.lora_rank "
+                         "and train.gradient_checkpointing to fit a large teacher")
 
 
 def _check_tracker(name: str) -> None:

@@ -69,6 +69,11 @@ def test_two_processes_match_one_for_a_latent_text_lora_student(recipe_file, sd_
     train_on_one_and_two(recipe, tmp_path, ("model", "model_1", "ema"), ports=(29633, 29634))  # fake, generator, EMA
 
 
+def _one_step_dxmi(recipe_file, teacher: Path) -> Path:
+    return recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"},
+                        "teacher": {"path": str(teacher)}, "train": {"max_steps": 1, "batch_size": 8}})
+
+
 def test_a_launch_accelerate_does_not_distribute_is_refused_before_anything_is_written(recipe_file, vp_teacher,
                                                                                         tmp_path, monkeypatch):
     """Two processes started (WORLD_SIZE=2) but one set up by Accelerate (what an FSDP launch config gives on a
@@ -77,19 +82,16 @@ def test_a_launch_accelerate_does_not_distribute_is_refused_before_anything_is_w
     from n2ce_distill.errors import InputError
     from n2ce_distill.trainer import Trainer
 
-    recipe = recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"},
-                          "teacher": {"path": str(vp_teacher)}, "train": {"max_steps": 1, "batch_size": 8}})
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(InputError, match=r"^launch: 2 processes were started but Accelerate distributes 1 \(NO\)"):
-        Trainer(load_recipe(recipe), tmp_path / "run")
+        Trainer(load_recipe(_one_step_dxmi(recipe_file, vp_teacher)), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
-def test_sharded_distribution_is_refused(kind):
-    """FSDP, DeepSpeed and Megatron-LM hold a shard of each network per process; the trainer's EMA, export and
-    reads assume whole weights, so they are refused with a line naming the distribution (Accelerate sets them up
-    only on GPUs, so this checks the guard on a stand-in for its accelerator)."""
+def test_distribution_other_than_data_parallel_is_refused(kind, monkeypatch):
+    """FSDP, DeepSpeed and Megatron-LM are refused with a line naming the distribution (Accelerate sets them up
+    only on GPUs, so this checks the guard on a stand-in for its accelerator); one process passes."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -97,26 +99,28 @@ def test_sharded_distribution_is_refused(kind):
     from n2ce_distill.errors import InputError
     from n2ce_distill.trainer import _check_launch
 
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     accelerator = SimpleNamespace(num_processes=1, distributed_type=DistributedType[kind])
     with pytest.raises(InputError, match=rf"^launch: distributed_type {DistributedType[kind].value} is not supported"):
         _check_launch(accelerator)
-    _check_launch(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))  # one process: fine
+    _check_launch(SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO))
 
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine Accelerate would set up FSDP itself")
-def test_an_fsdp_launch_config_without_a_gpu_exits_2_with_one_line(recipe_file, vp_teacher, tmp_path):
+def test_an_fsdp_launch_config_without_a_gpu_stops_each_process_with_one_line_and_exit_2(recipe_file, vp_teacher,
+                                                                                         tmp_path):
     config = tmp_path / "fsdp.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\nnum_machines: 1\n"
                       "machine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\nmain_training_function: main\n"
                       "fsdp_config: {fsdp_version: 2, fsdp_auto_wrap_policy: NO_WRAP}\n")
-    recipe = recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"},
-                          "teacher": {"path": str(vp_teacher)}, "train": {"max_steps": 1, "batch_size": 8}})
     done = subprocess.run([str(ACCELERATE), "launch", "--config_file", str(config), "--main_process_port", "29635",
-                           "-m", "n2ce_distill.cli", "train", str(recipe), "--output-dir", str(tmp_path / "run")],
+                           "-m", "n2ce_distill.cli", "train", str(_one_step_dxmi(recipe_file, vp_teacher)),
+                           "--output-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("n2ce-distill train: error:")]
-    assert errors and all("launch: 2 processes were started" in line for line in errors), done.stderr[-2000:]
+    assert len(errors) == 2 and all("launch: 2 processes were started" in line for line in errors), done.stderr[-2000:]
+    assert "exitcode  : 2" in done.stderr and "[rank0]: Traceback" not in done.stderr  # torchrun's report of the children
     assert done.returncode != 0 and not (tmp_path / "run").exists()
