@@ -17,6 +17,7 @@ from n2ce_distill.latent import LatentSpace, PixelSpace, load_text_components
 from n2ce_distill.methods import build_method
 from n2ce_distill.nets import save_tiny_text_to_image
 from n2ce_distill.pipelines import FewStepPipeline
+from n2ce_distill.shipped import shipped as shipped_path
 from n2ce_distill.trainer import Trainer
 
 SHRINK = ["train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=2", "train.sample_every=2",
@@ -437,6 +438,32 @@ def test_text_teacher_trains_on_captions_and_reloads_with_its_text_encoder(recip
     # the teacher then distils like any text-conditioned teacher, with guidance against its empty prompt
     student = captioned_recipe(recipe_file, final, captioned_digits, "dmd2", guidance_scale=2.0)
     Trainer(load_recipe(student, [*SHRINK, *LOOPS["dmd2"]]), tmp_path / "student").train()
+
+
+def test_a_pooled_prompt_reaches_every_block_of_the_text_teacher(recipe_file, tmp_path):
+    """``method.net.pooled_prompt`` adds the attention-pooled prompt to the time embedding, so the first down block
+    (no cross-attention) reads the prompt: in the shipped teacher it tells "one" from "seven" by over 1% of its
+    feature scale, and without the key the same block gives both prompts the same features. The key needs captions."""
+    from n2ce_distill.nets import tiny_text_unet
+
+    def first_block_features(unet, encoder):
+        seen = []
+        unet.down_blocks[0].register_forward_hook(lambda _, __, output: seen.append(output[0]))
+        with torch.no_grad():
+            unet(torch.zeros(2, 1, 8, 8), 500, encoder_hidden_states=encoder(["the digit one", "the digit seven"]))
+        return seen[0]
+
+    shipped = shipped_path("assets", "digits-text-teacher")
+    _, encoder = load_text_components(shipped)
+    pooled = first_block_features(load_denoiser(shipped).net, encoder)
+    assert (pooled[0] - pooled[1]).abs().max() > 0.01 * pooled.abs().max()
+    torch.manual_seed(0)
+    plain = first_block_features(tiny_text_unet(8, 1, (32, 64), 32, outer_attention=False), encoder)
+    assert torch.equal(plain[0], plain[1])
+    recipe = recipe_file({"method": {"name": "teacher", "net": {"pooled_prompt": True}}, "data": {"name": "digits"}})
+    with pytest.raises(InputError, match=r"^method.net.pooled_prompt: .*\(set data.caption_column\)$"):
+        Trainer(load_recipe(recipe, SHRINK), tmp_path / "uncaptioned")
+    assert not (tmp_path / "uncaptioned" / "logs").exists()
 
 
 def test_cli_samples_and_scores_text_sources_by_prompt(recipe_file, sd_teacher, captioned_digits, tmp_path, capsys):

@@ -39,13 +39,16 @@ class TeacherTraining(Method):
         # the null class is the table's last row
         self.null_class = num_classes if num_classes is not None and net_cfg.label_dropout > 0 else None
         table = None if num_classes is None else num_classes + (self.null_class is not None)
+        if net_cfg.pooled_prompt and prompts is None:
+            raise InputError("method.net.pooled_prompt: pools prompt embeddings, and the data has no captions "
+                             "(set data.caption_column)")
         if prompts is not None:
             if len(sample_shape) != 3:
                 raise InputError("data.caption_column: a text-conditioned teacher is a UNet over images")
             encoder = PromptEncoder(*tiny_clip(net_cfg.text_features))
             self.conditions, self.frozen["text_encoder"] = PromptConditions(prompts, encoder), encoder
             net = tiny_text_unet(sample_shape[-1], sample_shape[0], tuple(net_cfg.block_out_channels),
-                                 net_cfg.text_features, outer_attention=False)
+                                 net_cfg.text_features, outer_attention=False, pooled_prompt=net_cfg.pooled_prompt)
         elif len(sample_shape) == 3:
             net = tiny_unet(sample_shape[-1], sample_shape[0], block_out_channels=tuple(net_cfg.block_out_channels),
                             num_class_embeds=table)
