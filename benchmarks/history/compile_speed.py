@@ -4,7 +4,8 @@ the same round; a markdown table gives each variant's s/it per round and the med
 
     python benchmarks/history/compile_speed.py OLD_CHECKOUT RECIPE ROUNDS N WARMUP
 
-RECIPE is a path inside each checkout (its config schema may differ; the settings are the same). Variants: old eager, new eager (this checkout), new ``train.compile=true``, new compile + ``train.channels_last=true``.
+RECIPE is a path inside each checkout (the schema may differ between commits; the settings should not). Variants:
+old eager, new eager (this checkout), new ``train.compile=true``, new compile + ``train.channels_last=true``.
 """
 import json
 import random
@@ -35,8 +36,8 @@ def paired(a: str, b: str) -> str:
     return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
 
 
-print(f"{recipe}: s/it per round (median of {n} after {warm} warm-up)\n\n| variant | s/it | / old eager | / new eager |\n"
-      "| --- | --- | --- | --- |")
+print(f"{recipe}: s/it per round (median of {n} after {warm} warm-up)\n")
+print("| variant | s/it | / old eager | / new eager |\n| --- | --- | --- | --- |")
 for name in variants:
     print(f"| {name} | {', '.join(f'{t:.3f}' for t in times[name])} | {paired(name, 'old eager')} | "
           f"{paired(name, 'new eager')} |")
