@@ -194,6 +194,104 @@ def test_train_step_stand_in_has_the_ddpm_cifar10_architecture(tmp_path):
     assert abs(teacher.sigma_max - 157.4) < 0.1
 
 
+def test_train_step_stand_ins_have_their_teachers_architecture(tmp_path):
+    """ImageNet-64: EDM's class-conditional ADM (296M parameters, 1000 classes, no null class, Karras et al. 2022)
+    read with the consistency-model ports' c_noise; conditional CIFAR-10: the net the shipped teacher recipe
+    trains (its channels, 10 classes and the null class its label dropout adds). Both load as the real ones do."""
+    from n2ce_distill.benchmarks.train_step import STANDINS
+    from n2ce_distill.config import load_recipe
+    from n2ce_distill.denoisers import EDMDenoiser, load_denoiser
+    from n2ce_distill.shipped import shipped
+
+    imagenet = load_denoiser(str(STANDINS["dg845/diffusers-cm_edm_imagenet64_ema"](tmp_path / "imagenet")))
+    assert isinstance(imagenet, EDMDenoiser) and imagenet.c_noise == "cm" and imagenet.null_class is None
+    assert imagenet.sample_shape == (3, 64, 64) and imagenet.num_classes == 1000
+    assert abs(sum(p.numel() for p in imagenet.net.parameters()) - 296e6) < 0.5e6
+    del imagenet
+    cond = load_denoiser(str(STANDINS["../runs/cifar10-cond-teacher/pipeline"](tmp_path / "cond")))
+    net_cfg = load_recipe(shipped("recipes", "cifar10_cond_teacher.yaml")).method.net
+    assert isinstance(cond, EDMDenoiser) and cond.sample_shape == (3, 32, 32)
+    assert (cond.num_classes, cond.null_class) == (10, 10)
+    assert list(cond.net.config.block_out_channels) == list(net_cfg.block_out_channels)
+
+
+def test_every_shipped_recipe_has_a_teacher_or_a_stand_in():
+    """So that ``bench train_step`` runs each shipped recipe offline; a recipe that renames its teacher's path
+    without a stand-in fails here rather than in a user's benchmark."""
+    from pathlib import Path
+
+    from n2ce_distill.benchmarks.train_step import STANDINS
+    from n2ce_distill.config import read_recipe
+    from n2ce_distill.shipped import shipped
+
+    recipes = sorted(shipped("recipes").glob("*.yaml"))
+    assert len(recipes) >= 24
+    for path in recipes:
+        teacher = (read_recipe(path).get("teacher") or {}).get("path")
+        assert teacher is None or teacher in STANDINS or Path(teacher).exists(), (path.name, teacher)
+
+
+def test_train_step_writes_class_folders_for_a_labelled_recipe(recipe_file, vp_cond_teacher, tmp_path):
+    """Missing labelled CIFAR-10 becomes random images in one folder per teacher class, which the image-folder
+    data set reads as 10 classes (the class-count check against the teacher then passes)."""
+    from n2ce_distill.benchmarks.train_step import _offline
+    from n2ce_distill.config import load_recipe
+    from n2ce_distill.data import dataset_from_config, num_classes
+
+    recipe = recipe_file({"method": {"name": "dxmi"}, "teacher": {"path": str(vp_cond_teacher)},
+                          "data": {"name": "cifar10", "root": str(tmp_path / "absent"), "labels": True}})
+    overrides = _offline(str(recipe), [], tmp_path / "scratch")
+    data = load_recipe(recipe, overrides).data
+    assert data.name == "image-folder" and data.image_size == 32
+    dataset = dataset_from_config(data, seed=0)
+    assert num_classes(dataset) == 10 and len(dataset) == 256
+    assert {int(y) for _, y in (dataset[i] for i in range(len(dataset)))} == set(range(10))
+
+
+def test_train_step_writes_captions_and_prompts_for_a_text_recipe(recipe_file, sd_teacher, tmp_path):
+    """Missing captioned images become random images with a metadata.jsonl caption per image (one prompt each),
+    and a missing prompt file a file of prompts, both read by the recipe's own data code."""
+    from n2ce_distill.benchmarks.train_step import _offline
+    from n2ce_distill.config import load_recipe
+    from n2ce_distill.data import dataset_from_config, prompts, read_prompts
+
+    captioned = recipe_file({"method": {"name": "dxmi"}, "teacher": {"path": str(sd_teacher)},
+                             "data": {"name": "image-folder", "root": str(tmp_path / "absent"), "image_size": 8,
+                                      "caption_column": "caption"}}, name="captioned.yaml")
+    data = load_recipe(captioned, _offline(str(captioned), [], tmp_path / "scratch-a")).data
+    assert len(set(prompts(dataset_from_config(data, seed=0)))) == 256
+    prompt_only = recipe_file({"method": {"name": "sid", "adversarial": False}, "teacher": {"path": str(sd_teacher)},
+                               "data": {"name": "prompts", "root": str(tmp_path / "absent.txt"), "image_size": 8}},
+                              name="prompts.yaml")
+    (tmp_path / "scratch-b").mkdir()  # the benchmark's scratch folder exists
+    data = load_recipe(prompt_only, _offline(str(prompt_only), [], tmp_path / "scratch-b")).data
+    assert len(read_prompts(data.root, "data.root")) == 64
+
+
+def test_train_step_measures_past_the_warm_ups_and_averages_a_cycle(recipe_file, vp_teacher, tmp_path):
+    """SiD's generator waits for its warm-up: the benchmark's iteration is past it (a generator phase is counted).
+    DMD2 updates its generator on one iteration in K: the benchmark's per-iteration generator phase is the mean over
+    a cycle, so doubling K halves it. A precision override measures only that precision."""
+    from n2ce_distill.benchmarks.train_step import run
+
+    def phases(method: dict, tag: str) -> dict[str, float]:
+        recipe = recipe_file({"method": method, "data": {"name": "digits"}, "teacher": {"path": str(vp_teacher)}},
+                             name=f"{tag}.yaml")
+        text = run(quick=True, out=tmp_path / tag, args=[str(recipe), "train.mixed_precision=no"])
+        assert "fp32 peak" in text and "bf16" not in text
+        _, rows = _table(text.split("\n\n", 1)[1])
+        assert {row[0] for row in rows} == {"no"}
+        return {row[1]: float(row[2]) for row in rows}
+
+    sid = phases({"name": "sid", "generator_warmup_images": 10**6}, "sid")
+    assert sid["generator"] > 0 and sid["fake_score"] > 0
+    every_second, every_fourth = (phases({"name": "dmd2", "fake_updates_per_step": k}, f"dmd2-{k}") for k in (2, 4))
+    # the table prints 3 significant digits
+    assert every_fourth["generator"] == pytest.approx(every_second["generator"] / 2, rel=5e-3)
+    for flops in (every_second, every_fourth):
+        assert flops["iteration"] == pytest.approx(flops["generator"] + flops["fake_score"] + flops["other"], rel=5e-3)
+
+
 def test_train_step_accounts_every_flop_of_an_iteration(recipe_file, vp_teacher, tmp_path):
     """DxMI's trajectory (T sampler calls on B images, no grad) costs exactly what sampling B images costs; the
     critic phase (forward on B data + B samples, backward to the weights) costs two to three times the critic's

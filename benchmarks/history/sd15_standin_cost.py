@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from n2ce_distill.benchmarks.train_step import STANDINS, random_images
 from n2ce_distill.config import load_recipe
 from n2ce_distill.trainer import Trainer
 
@@ -24,38 +24,18 @@ ROOT = Path("/tmp/sd15-standin")
 
 
 def standin() -> Path:
-    """SD-1.5's architecture (its diffusers configs, restated) with random weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from n2ce_distill.nets import save_text_to_image, sd15_scheduler, tiny_clip
-
+    """SD-1.5's architecture with random weights: the ``bench train_step`` stand-in, written once."""
     teacher = ROOT / "teacher"
-    if (teacher / "model_index.json").is_file():
-        return teacher
-    torch.manual_seed(0)
-    tokenizer, _ = tiny_clip(768, max_length=77)  # a character-level stand-in for CLIP's BPE vocabulary
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                           num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                           bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        layers_per_block=2, sample_size=512, scaling_factor=0.18215)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    return save_text_to_image(teacher, unet, sd15_scheduler(), tokenizer, encoder, vae)
+    if not (teacher / "model_index.json").is_file():
+        torch.manual_seed(0)
+        STANDINS["stable-diffusion-v1-5/stable-diffusion-v1-5"](teacher)
+    return teacher
 
 
 def captioned_images() -> Path:
-    from PIL import Image
-
     folder = ROOT / "images"
     if not (folder / "metadata.jsonl").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        rng, lines = np.random.default_rng(0), []
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of thing number {i}"}))
-        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        random_images(folder, 512, count=4, caption_column="text")
     return folder
 
 

@@ -156,6 +156,12 @@ class Method(ABC):
     def export(self, model: nn.Module, directory: Path) -> None:
         """Write ``model`` as a diffusers pipeline folder reloadable with ``from_pretrained``."""
 
+    @property
+    def cycle(self) -> int:
+        """Iterations after which the work of an iteration repeats (1; DMD2: its generator updates on one
+        iteration in ``fake_updates_per_step``): what the ``train_step`` benchmark averages an iteration over."""
+        return 1
+
     def phase(self, name: str) -> ContextManager:
         """Marks a stretch of a step that no update ends (DxMI's trajectory): a no-op, which the ``train_step``
         benchmark replaces to count FLOPs and time per phase. The stretch that ends with ``update(term, ...)`` is

@@ -137,6 +137,10 @@ class DMD2(ScoreDistillation):
         logs["loss_adversarial"] = term.detach()
         return dm_loss + opts.adversarial_weight * term, logs
 
+    @property
+    def cycle(self) -> int:
+        return self.recipe.method.fake_updates_per_step
+
     def training_step(self, batch: torch.Tensor, step: int, update: Update,
                       labels: torch.Tensor | None = None) -> StepOutput:
         opts, sd = self.recipe.method, self.nets.read["fake_score"].sigma_data
