@@ -268,6 +268,24 @@ def test_train_step_writes_captions_and_prompts_for_a_text_recipe(recipe_file, s
     assert len(read_prompts(data.root, "data.root")) == 64
 
 
+def test_steady_step_is_the_first_step_past_every_warm_up_at_a_cycle_start(recipe_file, vp_teacher):
+    """SiD at batch 8 with warm-ups of 100k and 200k images: step 25000 is the first whose images (step x batch)
+    reach both; DMD2 at batch 4 with a 10-image warm-up: step 3, rounded up to its 5-iteration cycle; no warm-up:
+    step 0."""
+    from n2ce_distill.benchmarks.train_step import steady_step
+    from n2ce_distill.config import load_recipe
+
+    def recipe(method: dict, batch: int):
+        path = recipe_file({"method": method, "data": {"name": "digits"}, "teacher": {"path": str(vp_teacher)}})
+        return load_recipe(path, [f"train.batch_size={batch}"])
+
+    sid = {"name": "sid", "generator_warmup_images": 100_000, "adversarial_warmup_images": 200_000}
+    assert steady_step(recipe(sid, 8), cycle=1) == 25_000
+    assert steady_step(recipe(sid | {"adversarial_warmup_images": 200_001}, 8), cycle=1) == 25_001
+    assert steady_step(recipe({"name": "dmd2", "adversarial_warmup_images": 10}, 4), cycle=5) == 5
+    assert steady_step(recipe({"name": "dxmi"}, 8), cycle=1) == 0
+
+
 def test_train_step_measures_past_the_warm_ups_and_averages_a_cycle(recipe_file, vp_teacher, tmp_path):
     """SiD's generator waits for its warm-up: the benchmark's iteration is past it (a generator phase is counted).
     DMD2 updates its generator on one iteration in K: the benchmark's per-iteration generator phase is the mean over

@@ -1,7 +1,7 @@
 r"""FLOP accounting of one training iteration of any recipe, against the machine's measured peak.
 
 ``n2ce-distill bench train_step RECIPE [key=value ...] [--quick] [--out DIR]`` builds the recipe's trainer (in a
-scratch folder), moves it past every warm-up (:data:`STEADY_STEP`), warms it up, then, in fp32 and in bf16
+scratch folder), moves it past every warm-up (:func:`steady_step`), warms it up, then, in fp32 and in bf16
 autocast (or only in the precision a ``train.mixed_precision=...`` override names):
 
 * counts the FLOPs of one iteration (averaged over a :attr:`~n2ce_distill.methods.Method.cycle` where the work
@@ -39,7 +39,7 @@ from ..config import RecipeConfig, load_recipe, parse_overrides, read_recipe
 from ..errors import InputError
 from ..reporting import markdown_table
 
-__all__ = ["STANDINS", "STEADY_STEP", "peak_flops", "PhaseClock", "random_images", "run"]
+__all__ = ["STANDINS", "peak_flops", "PhaseClock", "random_images", "run", "steady_step"]
 
 
 def _ddpm_cifar10(path: Path) -> Path:
@@ -127,15 +127,16 @@ def random_images(path: Path, size: int, count: int = 256, classes: int | None =
 
     rng = np.random.default_rng(0)
     folders = [path] if classes is None else [path / f"class{c:04d}" for c in range(classes)]
-    captions = []
+    files = []
     for i in range(max(count, len(folders))):
         folder = folders[i % len(folders)]
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
-        captions.append({"file_name": str((folder / f"{i:04d}.png").relative_to(path)),
-                         caption_column: f"a photo of thing number {i}"})
+        files.append(folder / f"{i:04d}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(files[-1])
     if caption_column is not None:
-        (path / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in captions))
+        (path / "metadata.jsonl").write_text("".join(
+            json.dumps({"file_name": str(file.relative_to(path)), caption_column: f"a photo of thing number {i}"})
+            + "\n" for i, file in enumerate(files)))
     return path
 
 
@@ -184,8 +185,7 @@ def _sync(device: torch.device) -> None:
 
 def peak_flops(dtype: torch.dtype, device: torch.device, size: int, reps: int) -> float:
     """FLOP/s of a ``size``-square matmul in ``dtype``: the fastest of ``reps`` after one warm-up. A peak is the best
-    the machine does; on shared CPU cores a median of a few reads far below it (77-187 GFLOP/s on one day, while
-    the recipes' achieved FLOP/s moved by 20%) and put fractions above 100%."""
+    the machine does; on shared CPU cores a median of a few reads far below it, and fractions of it exceed 100%."""
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     times = [_seconds(lambda: a @ b, device) for _ in range(reps + 1)][1:]
     return 2 * size**3 / min(times)
@@ -235,9 +235,13 @@ class PhaseClock:
             del trainer._update, trainer.method.phase  # the instance attributes: the class's methods again
 
 
-# where measured iterations start: every warm-up of the shipped methods counts step x batch images, and 500k
-# steps at batch 8 are 4M images, past the longest (SiD's adversarial 200k), so the steady state is measured
-STEADY_STEP = 500_000
+def steady_step(recipe: RecipeConfig, cycle: int) -> int:
+    """The first step past every warm-up the recipe sets (each ``method.*_warmup_images`` counts the images of
+    ``step x train.batch_size``), rounded up to the start of a :attr:`~n2ce_distill.methods.Method.cycle`: where
+    the steady state that the recipe spends its schedule in begins."""
+    images = max((value for key, value in recipe.method if key.endswith("_warmup_images")), default=0)
+    step = -(-images // recipe.train.batch_size)
+    return step + -step % cycle
 
 
 def _iteration_phases(trainer, counter: FlopCounterMode | None) -> dict[str, float]:
@@ -274,7 +278,7 @@ def _measure(recipe: RecipeConfig, scratch: Path, reps: int, warmup: int, peak_s
     device = trainer.accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.step = STEADY_STEP - STEADY_STEP % trainer.method.cycle
+    trainer.step = start = steady_step(recipe, trainer.method.cycle)
     for _ in range(warmup * trainer.method.cycle):
         trainer.iteration()
     with FlopCounterMode(display=False) as counter:
@@ -303,7 +307,8 @@ def _measure(recipe: RecipeConfig, scratch: Path, reps: int, warmup: int, peak_s
     for label in [*order, "other", "iteration", f"sampling ({batch})"]:
         f, s = flops.get(label, 0.0), statistics.median(seconds[label])
         rows.append([recipe.train.mixed_precision, label, f / 1e9, s * 1e3, f / s / 1e9, 100 * f / s / peak])
-    facts = {"peak": peak, "cycle": trainer.method.cycle, "memory": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    facts = {"peak": peak, "cycle": trainer.method.cycle, "start": start, "memory": memory}
     return rows, facts
 
 
@@ -339,6 +344,6 @@ def run(quick: bool, out: Path, args: list[str]) -> str:
     device = torch.cuda.get_device_name() if device_is_gpu else f"CPU, {torch.get_num_threads()} threads"
     headers = ["precision", "phase", "GFLOP", "ms (median)", "GFLOP/s", "% of peak"]
     return (f"**{Path(recipe_path).name}** {' '.join(overrides)} (batch {recipe.train.batch_size}, {device}; "
-            f"median of {reps} {unit} after {warmup} warm-up, from step {STEADY_STEP} (past the warm-ups); the "
+            f"median of {reps} {unit} after {warmup} warm-up, from step {facts['start']} (past the warm-ups); the "
             f"iteration row is the median of whole ones)\n\n" + markdown_table(headers, rows)
             + "\n\n" + "; ".join(notes) + ". FLOPs count matmuls and convolutions (forward and backward).")
