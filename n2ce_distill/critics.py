@@ -231,7 +231,9 @@ class ConvCritic(ModelMixin, ConfigMixin):
                 self.blocks.append(_ResBlock(width, out_width, padding_mode, emb_features if conditioned else None))
                 width = out_width
         self.out = nn.Linear(width, 1)
-        self.output_scale = nn.Parameter(torch.tensor(float(output_scale_init)))
+        # one element, not a scalar: FSDP2 shards no 0-d parameter (checkpoints that hold a scalar still load)
+        self.output_scale = nn.Parameter(torch.tensor([float(output_scale_init)]))
+        self.register_load_state_dict_pre_hook(_scale_as_vector)
         self.cond_embedding = (ConditionEmbedding(emb_features, num_frequencies, cond_scale)
                                if conditioned else None)
         self.condition_projection = _condition_table(num_classes, text_features, width)
@@ -314,3 +316,10 @@ class BottleneckHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.norm(self.conv(features)))
         return self.out(h.mean(dim=(2, 3))).squeeze(-1)
+
+
+def _scale_as_vector(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load an ``output_scale`` saved as a scalar (before it became one element) into the one-element parameter."""
+    key = prefix + "output_scale"
+    if key in state_dict and state_dict[key].ndim == 0:
+        state_dict[key] = state_dict[key].reshape(1)

@@ -64,8 +64,14 @@ class FewStepSampler(nn.Module):
     def num_steps(self) -> int:
         return len(self.sigmas) - 1
 
+    # read the weights, with gradients, outside forward (DxMI's running cost): the trainer has FSDP gather them
+    forward_methods = ("scales",)
+
     def scales(self) -> torch.Tensor:
         """``s_k``; fixed entries carry no gradient."""
+        return self._scales()
+
+    def _scales(self) -> torch.Tensor:  # what forward reads: FSDP has already gathered the weights there
         return torch.where(self.fixed_scale, self.fixed_values, self.log_scales.exp())
 
     @property
@@ -85,7 +91,7 @@ class FewStepSampler(nn.Module):
 
         Training calls this through the module (so distributed wrappers see it); sampling uses :meth:`sample`.
         """
-        scale = per_sample(self.scales()[k], x)
+        scale = per_sample(self._scales()[k], x)
         return self.mean(x, k, class_labels) + scale * noise
 
     def sample(

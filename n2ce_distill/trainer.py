@@ -9,6 +9,7 @@ the FID hook with a ``best/`` export, and non-finite guards. Methods only say wh
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -19,6 +20,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from torch.distributed.fsdp import StateDictType, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from ema_pytorch import EMA
 from tqdm.auto import tqdm
 
@@ -88,20 +91,24 @@ class Trainer:
                 module.to(memory_format=torch.channels_last)  # 4-D weights only; the EMA copy below inherits it
         if train.gradient_checkpointing:
             _enable_gradient_checkpointing(self.method.nets.read.values())
+        online = self.method.nets.read[self.method.ema_name]
+        # copied before compiling and sharding: what is exported and sampled stays eager and whole on every process
+        ema_model = copy.deepcopy(online)
+        if train.compile:
+            _check_compiler(self.accelerator.device)
+            for module in networks:
+                _compile_models(module)
+        self._prepare(self.method.optimizers())
         self.ema = EMA(
-            self.method.nets.read[self.method.ema_name],
+            WholeParameters(online) if self.accelerator.is_fsdp2 else online,
+            ema_model=ema_model,
             beta=train.ema.beta,
             update_after_step=train.ema.update_after_step,
             update_every=train.ema.update_every,
             power=train.ema.power,
             include_online_model=False,
             use_foreach=True,  # one kernel per dtype instead of one per tensor; same state, same values
-        )
-        if train.compile:
-            _check_compiler(self.accelerator.device)
-            for module in networks:  # after the EMA's copy: what is exported and sampled stays eager
-                _compile_models(module)
-        self._prepare(self.method.optimizers())
+        ).to(self.accelerator.device)
         world = self.accelerator.num_processes
         if train.batch_size % world:
             raise InputError(f"train.batch_size: {train.batch_size} is not divisible by {world} processes")
@@ -121,19 +128,32 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _prepare(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-        acc = self.accelerator
-        names = list(self.method.nets.train)
-        prepared = acc.prepare(*self.method.nets.train.values(), *optimizers.values())
-        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-        self.method.nets.train = dict(zip(names, prepared[: len(names)]))
-        self.optimizers = dict(zip(optimizers, prepared[len(names):]))
+        acc, nets = self.accelerator, self.method.nets.train
+        if acc.is_fsdp2:  # Accelerate shards one network per prepare, together with the optimisers over it
+            owners = _optimizer_networks(self.method.nets.read, optimizers, self.recipe.method.name)
+            prepared = {}
+            for name, module in nets.items():
+                terms = [term for term, owner in owners.items() if owner == name]
+                out = acc.prepare(module, *(optimizers[term] for term in terms))
+                out = out if isinstance(out, (tuple, list)) else (out,)
+                nets[name] = out[0]
+                for part in out[0].modules():  # methods besides forward that read the weights
+                    for method in getattr(part, "forward_methods", ()):
+                        register_fsdp_forward_method(part, method)
+                prepared |= dict(zip(terms, out[1:]))
+            self.optimizers = {term: prepared[term] for term in optimizers}
+        else:
+            names = list(nets)
+            prepared = acc.prepare(*nets.values(), *optimizers.values())
+            prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+            self.method.nets.train = dict(zip(names, prepared[: len(names)]))
+            self.optimizers = dict(zip(optimizers, prepared[len(names):]))
         # the frozen teacher, VAE and text encoder are stored in the training precision, as diffusers' scripts
         # store theirs (half the memory; autocast rounds their weights so for every matmul anyway)
         weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.recipe.train.mixed_precision,
                                                                              torch.float32)
         for module in self.method.frozen.values():
             module.to(acc.device, dtype=weight_dtype).requires_grad_(False).eval()
-        self.ema.to(acc.device)
 
     # ------------------------------------------------------------------ one update
     def _update(self, term: str, loss: torch.Tensor, clip: float | None = None) -> None:
@@ -146,17 +166,30 @@ class Trainer:
         bad = self._loss_pending.pop(term, False) | ~torch.isfinite(loss.detach()).all()
         # gradients reach only this optimiser's parameters: a sampler loss that runs through the
         # critic must not leave stale gradients on the critic
-        self.accelerator.backward(loss, inputs=owned)
+        if self.accelerator.is_fsdp2:
+            # FSDP reduces the gradients of the whole graph into its shards (``inputs`` would name the shards,
+            # which the graph does not hold): the other optimisers' gradients are set aside and put back
+            others = [p for name, other in self.optimizers.items() if name != term
+                      for group in other.param_groups for p in group["params"]]
+            kept = [p.grad for p in others]
+            for p in others:
+                p.grad = None
+            self.accelerator.backward(loss)
+            for p, grad in zip(others, kept):
+                p.grad = grad
+        else:
+            self.accelerator.backward(loss, inputs=owned)
         if not self.accelerator.sync_gradients:
             self._loss_pending[term] = bad  # accumulating: the step at the last micro-batch skips if any was bad
             return
         params = [p for p in owned if p.grad is not None]
-        norm = self.accelerator.clip_grad_norm_(params, clip or self.recipe.train.grad_clip)
-        self._grad_norms[term] = norm.detach()  # before clipping; logged at the logging steps
+        norm = self._clip(params, clip or self.recipe.train.grad_clip)
+        norm = _whole(norm.detach())
+        self._grad_norms[term] = norm  # before clipping; logged at the logging steps
         # under fp16 loss scaling an overflow is routine (the first steps at the initial scale): the scaler
         # skips this step and lowers its scale itself (seen on an H200: every fp16 run stopped at step 0)
         if self.accelerator.scaler is None:
-            self._guarded.append((self.step, term, "gradient", norm.detach().float()))
+            self._guarded.append((self.step, term, "gradient", norm.float()))
             bad = bad | ~torch.isfinite(norm)
             if getattr(opt.optimizer, "_step_supports_amp_scaling", False):  # fused: skips on the device
                 opt.optimizer.found_inf = bad.float()
@@ -165,6 +198,15 @@ class Trainer:
                 return
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def _clip(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """Clip the gradients of ``params`` to ``max_norm`` in total; their norm before clipping. Under FSDP,
+        torch's DTensor-aware clip: Accelerate's matches ``params`` against each network's by tensor equality,
+        which fails when two networks have as many parameters (SiD's generator and fake score network)."""
+        if not self.accelerator.is_fsdp2:
+            return self.accelerator.clip_grad_norm_(params, max_norm)
+        self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _check_finite(self) -> None:
         """Read the guarded losses and gradient norms since the last check (one wait for the device) and act on
@@ -311,7 +353,7 @@ class Trainer:
         samples non-finite values), or ``None``: the checkpoint kept after a failure must load and sample."""
         models = {**self.method.nets.read, f"EMA {self.method.ema_name}": self.ema.ema_model}
         for name, model in models.items():
-            if not all(torch.isfinite(p).all() for p in model.parameters()):
+            if not all(torch.isfinite(_whole(p)).all() for p in model.parameters()):
                 return f"non-finite weights in {name}"
         if not torch.isfinite(self._samples(8, self.recipe.seed)).all():
             return f"the EMA {self.method.ema_name} samples non-finite values"
@@ -412,25 +454,69 @@ def _lr_and_betas(group: dict) -> dict:
     return {"lr": group["lr"], "betas": tuple(group["betas"])}  # a loaded state holds betas as a list
 
 
+class WholeParameters(torch.nn.Module):
+    """The parameters of an FSDP-sharded module as whole tensors (one all-gather each, on every process), in
+    full precision whatever FSDP computes in: what ema-pytorch averages into the whole EMA copy (which reads
+    only ``named_parameters`` and ``named_buffers`` of the model it follows)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def named_parameters(self, *args, **kwargs):
+        for name, param in self.module.named_parameters(*args, **kwargs):
+            yield name, _whole(param)
+
+    def named_buffers(self, *args, **kwargs):
+        return self.module.named_buffers(*args, **kwargs)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP shard, or a gradient norm reduced over shards) gathered whole; a tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _optimizer_networks(nets: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                        method: str) -> dict[str, str]:
+    """The network each optimiser trains, by parameter identity: FSDP shards a network together with its
+    optimisers, so an optimiser over two networks cannot be sharded (checked before anything is written)."""
+    owner = {id(p): name for name, net in nets.items() for p in net.parameters()}
+    found = {}
+    for term, opt in optimizers.items():
+        names = sorted({owner.get(id(p), "?") for group in opt.param_groups for p in group["params"]})
+        if len(names) != 1:
+            raise InputError(f"launch: FSDP shards one network per optimiser, but method {method}'s {term} "
+                             f"optimiser trains {' and '.join(names)}; launch it with DDP (MULTI_GPU)")
+        found[term] = names[0]
+    return found
+
+
 def _check_launch(accelerator: Accelerator) -> None:
     """The processes the launcher started (its ``WORLD_SIZE``, where it sets one) are the ones Accelerate
-    distributes, by data parallelism (DDP, or one process); checked before anything is written.
+    distributes, by data parallelism (DDP, or one process) or by FSDP2; checked before anything is written.
 
     Measured here: without a GPU, Accelerate turns an FSDP launch config into independent single processes, which
-    all trained into the same folder and collided at the first checkpoint. FSDP, DeepSpeed and Megatron-LM are
-    refused: the trainer is built and tested for data parallelism only (its EMA copy and export read whole weights,
-    where FSDP gives each process DTensor shards), and Accelerate sets them up only on GPUs, so they cannot be
-    tested on CPU processes.
+    all trained into the same folder and collided at the first checkpoint. FSDP (version 1), DeepSpeed and
+    Megatron-LM are refused: the trainer's FSDP path is built on FSDP2's per-parameter shards. FSDP2 checkpoints
+    must be whole state dicts: a sharded one loads its metadata through pickle (torch.distributed.checkpoint).
     """
     launched = os.environ.get("WORLD_SIZE")
     if launched is not None and int(launched) != accelerator.num_processes:
         raise InputError(f"launch: {launched} processes were started but Accelerate distributes "
                          f"{accelerator.num_processes} ({accelerator.distributed_type.value}), so each would train alone "
                          "into the same folder; on CPUs launch with ACCELERATE_USE_CPU=true torchrun (see the README)")
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise InputError(f"launch: distributed_type {accelerator.distributed_type.value} is not supported (the trainer "
-                         "is built and tested for data parallelism only); use MULTI_GPU (DDP), with method.lora_rank "
-                         "and train.gradient_checkpointing to fit a large teacher")
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise InputError(f"launch: distributed_type {kind.value} is not supported (the trainer is built and tested "
+                         "for DDP and FSDP2); use MULTI_GPU (DDP) or FSDP with fsdp_version: 2")
+    if kind == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise InputError(f"launch: fsdp_config.fsdp_version {plugin.fsdp_version} is not supported; set "
+                             "fsdp_version: 2 (FSDP2, whose per-parameter shards the trainer is built on)")
+        if plugin.state_dict_type != StateDictType.FULL_STATE_DICT:
+            raise InputError(f"launch: fsdp_config.fsdp_state_dict_type {plugin.state_dict_type.name} is not "
+                             "supported: its checkpoints load their metadata through pickle; use FULL_STATE_DICT")
 
 
 def _check_tracker(name: str) -> None:

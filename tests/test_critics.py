@@ -136,6 +136,20 @@ def test_output_scale_is_learned_and_multiplies_the_logit():
         torch.testing.assert_close(critic(x), 3.0 * base)
 
 
+
+def test_a_critic_saved_with_a_scalar_output_scale_loads_into_the_one_element_parameter():
+    """``output_scale`` has one element (FSDP2 shards no 0-d parameter); a checkpoint saved when it was a scalar
+    still loads (``--resume`` loads through ``load_state_dict``), to the same logits."""
+    critic = tiny_conv(output_scale_init=0.5)
+    x = torch.randn(2, 3, 8, 8)
+    state = critic.state_dict() | {"output_scale": torch.tensor(0.25)}
+    reloaded = tiny_conv()
+    reloaded.load_state_dict(state)
+    assert reloaded.output_scale.shape == (1,) and reloaded.output_scale.item() == 0.25
+    with torch.no_grad():
+        critic.output_scale.fill_(0.25)
+        torch.testing.assert_close(reloaded(x), critic(x))
+
 # ---------------------------------------------------------------------------------- encoder critics (SiDA, DMD2)
 
 @pytest.mark.parametrize("size, mid", [(8, 4), (16, 8)])

@@ -17,6 +17,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors import SafetensorError
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..conditions import ClassConditions, Conditions, PromptConditions, repeat_rows
 from ..config import CriticConfig, RecipeConfig
@@ -175,8 +176,11 @@ class Method(ABC):
         output): their weights stop requiring gradients for the duration, so autograd keeps no graph for them;
         gradients still flow through them to their inputs. Their gradient checkpointing pauses too: a block
         recomputed in the backward pass, when the weights require gradients again, would save other tensors than
-        its forward did (torch refuses it; measured on DMD2's generator step)."""
-        params = [p for module in modules for p in module.parameters() if p.requires_grad]
+        its forward did (torch refuses it; measured on DMD2's generator step). An FSDP-sharded network keeps its
+        weights' flags (FSDP2 fixes them at its first all-gather, so a network first read here would never train
+        again: measured on DMD2's fake score network); the trainer sets aside the gradients it then gets."""
+        params = [p for module in modules if not isinstance(module, FSDPModule)
+                  for p in module.parameters() if p.requires_grad]
         checkpointed = [block for module in modules for block in module.modules()
                         if getattr(block, "gradient_checkpointing", False) is True]
         for p in params:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..conditions import repeat_rows
 from ..config import RecipeConfig
@@ -98,7 +99,8 @@ class DxMI(StudentMethod):
             return energy
         correction = correction or self.nets.read["value"]
         inner = torch.nonzero(k < self.recipe.method.num_steps).squeeze(1)
-        if len(inner) == 0:
+        # an FSDP-sharded network's forward is a collective: every process runs it, rows or none
+        if len(inner) == 0 and not isinstance(self.nets.read["value"], FSDPModule):
             return energy
         rows = inner.to(x.device)
         # U sees x as the critic does (not rescaled by c_in(sigma_k): measured, that made the 8-Gaussians
