@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-from torch.distributed.fsdp import StateDictType, register_fsdp_forward_method
+from torch.distributed.fsdp import CPUOffloadPolicy, StateDictType, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 from ema_pytorch import EMA
 from tqdm.auto import tqdm
@@ -257,7 +257,10 @@ class Trainer:
         batch, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)  # labelled data: (x, y)
         rows = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
         labels = None if labels is None else labels[rows].to(acc.device)
-        with acc.accumulate(*self.method.nets.train.values()), acc.autocast():
+        # FSDP reduce-scatters every micro-batch: its no-sync accumulation would keep whole gradients on the
+        # gathered weights, out of reach of _update's setting aside of the other optimisers' gradients
+        accumulating = () if acc.is_fsdp2 else self.method.nets.train.values()
+        with acc.accumulate(*accumulating), acc.autocast():
             condition = self.method.conditions.encode(labels)  # prompts: encoded once per batch
             output = self.method.training_step(batch[rows].to(acc.device), self.step, self._update, labels=condition)
         self.ema.update()
@@ -455,8 +458,8 @@ def _lr_and_betas(group: dict) -> dict:
 
 
 class WholeParameters(torch.nn.Module):
-    """The parameters of an FSDP-sharded module as whole tensors (one all-gather each, on every process), in
-    full precision whatever FSDP computes in: what ema-pytorch averages into the whole EMA copy (which reads
+    """The parameters of an FSDP-sharded module as whole tensors (one all-gather each, on every process; a
+    module FSDP left gathered after a forward reads as it is, so FSDP runs in fp32 only): what ema-pytorch averages into the whole EMA copy (which reads
     only ``named_parameters`` and ``named_buffers`` of the model it follows)."""
 
     def __init__(self, module: torch.nn.Module):
@@ -514,6 +517,13 @@ def _check_launch(accelerator: Accelerator) -> None:
         if plugin.fsdp_version != 2:
             raise InputError(f"launch: fsdp_config.fsdp_version {plugin.fsdp_version} is not supported; set "
                              "fsdp_version: 2 (FSDP2, whose per-parameter shards the trainer is built on)")
+        untested = [name for name, on in (
+            (f"mixed_precision {accelerator.mixed_precision}", accelerator.mixed_precision != "no"),
+            ("fsdp_activation_checkpointing", getattr(plugin, "activation_checkpointing", False)),
+            ("fsdp_offload_params", isinstance(getattr(plugin, "cpu_offload", None), CPUOffloadPolicy))) if on]
+        if untested:  # bf16 shards reached the fp32 EMA; checkpoint wrappers renamed what the EMA pairs by name
+            raise InputError(f"launch: {untested[0]} is not supported under FSDP; use DDP, or FSDP in fp32 with "
+                             "train.gradient_checkpointing")
         if plugin.state_dict_type != StateDictType.FULL_STATE_DICT:
             raise InputError(f"launch: fsdp_config.fsdp_state_dict_type {plugin.state_dict_type.name} is not "
                              "supported: its checkpoints load their metadata through pickle; use FULL_STATE_DICT")
