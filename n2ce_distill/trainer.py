@@ -202,10 +202,10 @@ class Trainer:
     def _clip(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """Clip the gradients of ``params`` to ``max_norm`` in total; their norm before clipping. Under FSDP,
         torch's DTensor-aware clip: Accelerate's matches ``params`` against each network's by tensor equality,
-        which fails when two networks have as many parameters (SiD's generator and fake score network)."""
+        which fails when two networks have as many parameters (SiD's generator and fake score network). FSDP runs
+        in fp32 only (:func:`_check_launch`), so there is no loss scale to undo first."""
         if not self.accelerator.is_fsdp2:
             return self.accelerator.clip_grad_norm_(params, max_norm)
-        self.accelerator.unscale_gradients()
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _check_finite(self) -> None:
@@ -459,8 +459,8 @@ def _lr_and_betas(group: dict) -> dict:
 
 class WholeParameters(torch.nn.Module):
     """The parameters of an FSDP-sharded module as whole tensors (one all-gather each, on every process; a
-    module FSDP left gathered after a forward reads as it is, so FSDP runs in fp32 only): what ema-pytorch averages into the whole EMA copy (which reads
-    only ``named_parameters`` and ``named_buffers`` of the model it follows)."""
+    module FSDP left gathered after a forward reads as it is, so FSDP runs in fp32 only): what ema-pytorch
+    averages into the whole EMA copy (it reads only ``named_parameters`` and ``named_buffers`` of its model)."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
