@@ -257,6 +257,12 @@ class ConvCritic(ModelMixin, ConfigMixin):
         projection = _projection(self.condition_projection, class_labels, summed, "ConvCritic")
         return self.output_scale * (self.out(summed).squeeze(-1) + projection)
 
+    def _fix_state_dict_keys_on_load(self, state_dict: dict) -> None:
+        # diffusers' from_pretrained checks shapes against the meta model before any load_state_dict hook runs;
+        # this is its own place for architecture changes (a folder saved with a scalar output_scale)
+        super()._fix_state_dict_keys_on_load(state_dict)
+        _scale_as_vector(self, state_dict, "")
+
 
 def build_critic(cfg: CriticConfig, sample_shape: tuple[int, ...], conditioned: bool = False,
                  num_classes: int | None = None, text_features: int | None = None) -> nn.Module:

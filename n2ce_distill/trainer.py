@@ -15,12 +15,14 @@ import logging
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch.distributed.fsdp import CPUOffloadPolicy, StateDictType, register_fsdp_forward_method
+from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
 from torch.distributed.tensor import DTensor
 from ema_pytorch import EMA
 from tqdm.auto import tqdm
@@ -131,10 +133,12 @@ class Trainer:
         acc, nets = self.accelerator, self.method.nets.train
         if acc.is_fsdp2:  # Accelerate shards one network per prepare, together with the optimisers over it
             owners = _optimizer_networks(self.method.nets.read, optimizers, self.recipe.method.name)
+            wrapped = _layer_classes_to_wrap(acc.state.fsdp_plugin, nets)
             prepared = {}
             for name, module in nets.items():
                 terms = [term for term, owner in owners.items() if owner == name]
-                out = acc.prepare(module, *(optimizers[term] for term in terms))
+                with _wrapping_only(acc.state.fsdp_plugin, wrapped[name]):
+                    out = acc.prepare(module, *(optimizers[term] for term in terms))
                 out = out if isinstance(out, (tuple, list)) else (out,)
                 nets[name] = out[0]
                 for part in out[0].modules():  # methods besides forward that read the weights
@@ -388,6 +392,11 @@ class Trainer:
             self._say(f"no checkpoint found in {self.output_dir}: starting fresh")
             return
         checkpoints.verify(path)
+        sharded = any(path.glob("pytorch_model_fsdp*.bin"))  # Accelerate's name for an FSDP network's weights
+        if sharded != self.accelerator.is_fsdp2:
+            saved, now = ("FSDP", "DDP or one process") if sharded else ("DDP or one process", "FSDP")
+            raise InputError(f"--resume {str(path)!r}: written under {saved}, launched under {now}; its optimiser "
+                             f"state does not carry over, so resume it under {saved}")
         state = checkpoints.read_json(path / "trainer_state.json")
         _check_fixed_keys(state.get("recipe"), self.recipe.resolved(), path)
         # load_state restores the saved learning rates and betas; the recipe's are the ones to train with
@@ -494,6 +503,37 @@ def _optimizer_networks(nets: dict[str, torch.nn.Module], optimizers: dict[str, 
     return found
 
 
+def _layer_classes_to_wrap(plugin, nets: dict[str, torch.nn.Module]) -> dict[str, list[str] | None]:
+    """Per trained network, the classes of ``fsdp_transformer_layer_cls_to_wrap`` it holds (None: the plugin
+    names none). Accelerate applies the one list to every network it prepares and fails on a network that lacks
+    one of the classes (DxMI's critic holds no ResnetBlock2D); a class no network holds is a typo."""
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if not names:
+        return dict.fromkeys(nets)
+    held = {net: {type(part).__name__ for part in module.modules()} for net, module in nets.items()}
+    missing = [name for name in names if not any(name in classes for classes in held.values())]
+    if missing:
+        blocks = sorted({type(part).__name__ for module in nets.values() for part in module.modules()
+                         if not type(part).__module__.startswith("torch.")})
+        raise InputError(f"fsdp_config.fsdp_transformer_layer_cls_to_wrap: no trained network holds a {missing[0]} "
+                         f"(their blocks: {', '.join(blocks)})")
+    return {net: [name for name in names if name in held[net]] for net in nets}
+
+
+@contextmanager
+def _wrapping_only(plugin, names: list[str] | None):
+    """The plugin wraps ``names`` while one network is prepared (an empty list wraps none but the root)."""
+    if names is None:
+        yield
+        return
+    every = plugin.transformer_cls_names_to_wrap
+    plugin.transformer_cls_names_to_wrap = names
+    try:
+        yield
+    finally:
+        plugin.transformer_cls_names_to_wrap = every
+
+
 def _check_launch(accelerator: Accelerator) -> None:
     """The processes the launcher started (its ``WORLD_SIZE``, where it sets one) are the ones Accelerate
     distributes, by data parallelism (DDP, or one process) or by FSDP2; checked before anything is written.
@@ -524,6 +564,12 @@ def _check_launch(accelerator: Accelerator) -> None:
         if untested:  # bf16 shards reached the fp32 EMA; checkpoint wrappers renamed what the EMA pairs by name
             raise InputError(f"launch: {untested[0]} is not supported under FSDP; use DDP, or FSDP in fp32 with "
                              "train.gradient_checkpointing")
+        if plugin.auto_wrap_policy is not None and getattr(plugin.auto_wrap_policy, "func",
+                                                          plugin.auto_wrap_policy) is size_based_auto_wrap_policy:
+            # every module above the size is sharded, diffusers' ModuleLists too, which FSDP2 cannot shard
+            raise InputError("launch: fsdp_config.fsdp_auto_wrap_policy SIZE_BASED_WRAP is not supported (it selects "
+                             "diffusers' ModuleLists, which have no forward to shard); use TRANSFORMER_BASED_WRAP with "
+                             "fsdp_transformer_layer_cls_to_wrap: ResnetBlock2D, or NO_WRAP")
         if plugin.state_dict_type != StateDictType.FULL_STATE_DICT:
             raise InputError(f"launch: fsdp_config.fsdp_state_dict_type {plugin.state_dict_type.name} is not "
                              "supported: its checkpoints load their metadata through pickle; use FULL_STATE_DICT")

@@ -150,6 +150,19 @@ def test_a_critic_saved_with_a_scalar_output_scale_loads_into_the_one_element_pa
         critic.output_scale.fill_(0.25)
         torch.testing.assert_close(reloaded(x), critic(x))
 
+
+def test_a_critic_folder_saved_with_a_scalar_output_scale_loads_through_from_pretrained(tmp_path):
+    """diffusers' ``from_pretrained`` checks shapes before any ``load_state_dict`` hook runs; it failed on a
+    folder saved when ``output_scale`` was a scalar."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_conv(output_scale_init=0.5).save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file(load_file(str(weights)) | {"output_scale": torch.tensor(0.25)}, str(weights))
+    for low_cpu_mem_usage in (True, False):
+        reloaded = ConvCritic.from_pretrained(tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert reloaded.output_scale.shape == (1,) and reloaded.output_scale.item() == 0.25
+
 # ---------------------------------------------------------------------------------- encoder critics (SiDA, DMD2)
 
 @pytest.mark.parametrize("size, mid", [(8, 4), (16, 8)])

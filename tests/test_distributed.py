@@ -22,14 +22,25 @@ FSDP_ON_CPU = Path(__file__).with_name("fsdp_on_cpu.py")
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
 
 
-def launch(recipe: Path, run: Path, processes: int, port: int, *args: str, fsdp: bool = False) -> None:
-    """``n2ce-distill train`` on ``processes`` CPU processes under torchrun (FSDP2 through tests/fsdp_on_cpu.py)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(FSDP_ENV if fsdp else {})}
+def launch(recipe: Path, run: Path, processes: int, port: int, *args: str, fsdp: dict | bool = False,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """``n2ce-distill train`` on ``processes`` CPU processes under torchrun (FSDP2 through tests/fsdp_on_cpu.py;
+    a dict ``fsdp`` adds to :data:`FSDP_ENV`)."""
+    fsdp_env = {**FSDP_ENV, **(fsdp if isinstance(fsdp, dict) else {})} if fsdp else {}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **fsdp_env}
     program = [str(FSDP_ON_CPU)] if fsdp else ["-m", "n2ce_distill.cli"]
     done = subprocess.run([str(TORCHRUN), f"--nproc_per_node={processes}", f"--master_port={port}", *program, "train",
                            str(recipe), *args, "--output-dir", str(run)],
                           capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0 or not check, done.stderr[-3000:]
+    return done
+
+
+def error_lines(done: subprocess.CompletedProcess) -> set[str]:
+    """The one-line errors of a launch that stopped at startup: each process prints the same line with exit
+    code 2 and no traceback (torchrun ends the other process once one has exited, at times before it prints)."""
+    assert "exitcode  : 2" in done.stderr and "[rank0]: Traceback" not in done.stderr, done.stderr[-2000:]
+    return {line for line in done.stderr.splitlines() if line.startswith("n2ce-distill train: error:")}
 
 
 def weights(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
@@ -115,18 +126,24 @@ def test_fsdp2_on_two_processes_matches_one(method, accumulation, ports, recipe_
 
 @needs_torchrun
 def test_fsdp2_checkpoints_resume_to_the_weights_of_an_uninterrupted_run(recipe_file, vp_teacher, tmp_path):
-    """DxMI on FSDP2: three steps, a checkpoint (whole state dicts, every file readable with ``weights_only``),
-    a resumed run to five; each checkpoint matches one process's run straight to five. DxMI's value network
-    runs on rows that need it only, so a process with none must still join the sharded forward, and the
-    sampler's noise scales are read outside ``forward`` (both hung or failed before)."""
+    """DxMI on FSDP2, each ResnetBlock2D sharded on its own: three steps, a checkpoint (whole state dicts, every
+    file readable with ``weights_only``), a resumed run to five; each checkpoint matches one process's run
+    straight to five. DxMI's value network runs on rows that need it only, so a process with none must still
+    join the sharded forward, and the sampler's noise scales are read outside ``forward`` (both hung or failed
+    before). The critic holds no ResnetBlock2D, which Accelerate's wrapping refused. A checkpoint does not move
+    between DDP and FSDP: resuming across is refused with one line, before anything is written."""
     from n2ce_distill.checkpoints import verify
+    from n2ce_distill.config import load_recipe
+    from n2ce_distill.errors import InputError
+    from n2ce_distill.trainer import Trainer
 
     recipe = recipe_file({"method": {"name": "dxmi", "num_steps": 2}, "data": {"name": "digits"},
                           "teacher": {"path": str(vp_teacher)}, "critic": {"channels": [8, 16], "num_res_blocks": 2},
                           "train": {"max_steps": 5, **TINY_DIGITS_TRAIN}})
+    blocks = {"FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResnetBlock2D"}
     launch(recipe, tmp_path / "p1", 1, 29645)
-    launch(recipe, tmp_path / "p2", 2, 29646, "train.max_steps=3", fsdp=True)
-    launch(recipe, tmp_path / "p2", 2, 29647, "--resume", "latest", fsdp=True)
+    launch(recipe, tmp_path / "p2", 2, 29646, "train.max_steps=3", fsdp=blocks)
+    launch(recipe, tmp_path / "p2", 2, 29647, "--resume", "latest", fsdp=blocks)
     for step in (3, 5):
         checkpoint = tmp_path / "p2" / f"checkpoint-{step}"
         verify(checkpoint)
@@ -134,6 +151,15 @@ def test_fsdp2_checkpoints_resume_to_the_weights_of_an_uninterrupted_run(recipe_
         assert_same_weights(tmp_path / "p1" / f"checkpoint-{step}", checkpoint, ("model", "model_1", "model_2", "ema"))
     assert_same_weights(tmp_path / "p1" / "pipeline" / "unet", tmp_path / "p2" / "pipeline" / "unet",
                         ("diffusion_pytorch_model",))
+
+    before = sorted((path, path.stat().st_mtime_ns) for path in tmp_path.rglob("*"))
+    done = launch(recipe, tmp_path / "p1", 2, 29653, "train.max_steps=7", "--resume", "latest", fsdp=True, check=False)
+    assert error_lines(done) <= {f"n2ce-distill train: error: --resume '{tmp_path / 'p1' / 'checkpoint-5'}': written "
+                                 "under DDP or one process, launched under FSDP; its optimiser state does not carry "
+                                 "over, so resume it under DDP or one process"} and error_lines(done)
+    with pytest.raises(InputError, match=r"checkpoint-5': written under FSDP, launched under DDP or one process"):
+        Trainer(load_recipe(recipe), tmp_path / "p2", resume="latest")
+    assert sorted((path, path.stat().st_mtime_ns) for path in tmp_path.rglob("*")) == before
 
 
 @needs_torchrun
@@ -160,13 +186,29 @@ def test_fsdp2_refuses_an_optimiser_over_two_networks_before_anything_is_written
     done = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "--master_port=29650", str(FSDP_ON_CPU), "train",
                            str(recipe), "--output-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, env=env, timeout=300)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("n2ce-distill train: error:")]
-    # torchrun ends the other process once one has exited, at times before it prints its own line
-    assert 1 <= len(errors) <= 2 and set(errors) == {
+    assert error_lines(done) == {
         "n2ce-distill train: error: launch: FSDP shards one network per optimiser, but method dmd2's fake_score "
         "optimiser trains fake_score and gan_head; launch it with DDP (MULTI_GPU)"}, done.stderr[-2000:]
-    assert "exitcode  : 2" in done.stderr and "[rank0]: Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_layer_classes_to_wrap_are_those_each_network_holds():
+    """Accelerate wraps one list of classes in every network it prepares and fails where one is missing; each
+    network gets the classes it holds, and a class none holds is a one-line error naming the config key."""
+    from n2ce_distill.errors import InputError
+    from n2ce_distill.trainer import _layer_classes_to_wrap, _wrapping_only
+
+    nets = {"student": torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GroupNorm(1, 2)),
+            "critic": torch.nn.Sequential(torch.nn.Linear(2, 1))}
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=["GroupNorm", "Linear"])
+    assert _layer_classes_to_wrap(plugin, nets) == {"student": ["GroupNorm", "Linear"], "critic": ["Linear"]}
+    with _wrapping_only(plugin, ["Linear"]):
+        assert plugin.transformer_cls_names_to_wrap == ["Linear"]
+    assert plugin.transformer_cls_names_to_wrap == ["GroupNorm", "Linear"]
+    assert _layer_classes_to_wrap(SimpleNamespace(transformer_cls_names_to_wrap=None), nets) == dict.fromkeys(nets)
+    with pytest.raises(InputError, match=r"^fsdp_config.fsdp_transformer_layer_cls_to_wrap: no trained network "
+                                         r"holds a ResnetBlock2D"):
+        _layer_classes_to_wrap(SimpleNamespace(transformer_cls_names_to_wrap=["Linear", "ResnetBlock2D"]), nets)
 
 
 def _one_step_dxmi(recipe_file, teacher: Path) -> Path:
@@ -211,6 +253,9 @@ def test_distribution_other_than_ddp_and_fsdp2_is_refused(kind, monkeypatch):
     (2, "FULL_STATE_DICT", {"mixed_precision": "bf16"}, r"^launch: mixed_precision bf16 is not supported under FSDP"),
     (2, "FULL_STATE_DICT", {"activation_checkpointing": True},
      r"^launch: fsdp_activation_checkpointing is not supported under FSDP"),
+    (2, "FULL_STATE_DICT", {"auto_wrap_policy": "size"}, r"^launch: fsdp_config.fsdp_auto_wrap_policy "
+                                                          r"SIZE_BASED_WRAP is not supported"),
+    (2, "FULL_STATE_DICT", {"auto_wrap_policy": "transformer"}, None),
     (2, "FULL_STATE_DICT", {}, None),
 ])
 def test_fsdp_launches_other_than_fsdp2_with_whole_state_dicts_are_refused(version, state_dict_type, extra, error,
@@ -222,8 +267,12 @@ def test_fsdp_launches_other_than_fsdp2_with_whole_state_dicts_are_refused(versi
     from n2ce_distill.trainer import _check_launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    policies = {"size": size_based_auto_wrap_policy, "transformer": transformer_auto_wrap_policy}
     plugin = SimpleNamespace(fsdp_version=version, state_dict_type=StateDictType[state_dict_type], cpu_offload=None,
-                             activation_checkpointing=extra.get("activation_checkpointing", False))
+                             activation_checkpointing=extra.get("activation_checkpointing", False),
+                             auto_wrap_policy=policies.get(extra.get("auto_wrap_policy")))
     accelerator = SimpleNamespace(num_processes=2, distributed_type=DistributedType.FSDP,
                                   mixed_precision=extra.get("mixed_precision", "no"),
                                   state=SimpleNamespace(fsdp_plugin=plugin))
@@ -248,9 +297,6 @@ def test_an_fsdp_launch_config_without_a_gpu_stops_each_process_with_one_line_an
                            "-m", "n2ce_distill.cli", "train", str(_one_step_dxmi(recipe_file, vp_teacher)),
                            "--output-dir", str(tmp_path / "run")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("n2ce-distill train: error:")]
-    # torchrun ends the other process once one has exited, at times before it prints its own line (seen once)
-    assert 1 <= len(errors) <= 2 and all("launch: 2 processes were started" in line for line in errors), \
-        done.stderr[-2000:]
-    assert "exitcode  : 2" in done.stderr and "[rank0]: Traceback" not in done.stderr  # torchrun's report of the children
+    errors = error_lines(done)
+    assert len(errors) == 1 and "launch: 2 processes were started" in next(iter(errors)), done.stderr[-2000:]
     assert done.returncode != 0 and not (tmp_path / "run").exists()

@@ -5,11 +5,13 @@
 Defaults: recipes/cifar10_sid_n2ce.yaml, 2 rounds. The teacher is its random-weight stand-in (``STANDINS``) and the
 data 256 random 32x32 images, written once under /tmp/fsdp-memory; each launch trains 2 iterations at batch 4 (2 per
 process), checkpoints and exports. FSDP2 runs through tests/fsdp_on_cpu.py (Accelerate sets FSDP up only on
-accelerators). Each rank's peak is its ``VmHWM``, polled from /proc. Rounds alternate the order of the two
-launches. Prints one JSON line per launch.
+accelerators), once with Accelerate's default NO_WRAP (each network one unit) and once with each ResnetBlock2D
+its own unit (TRANSFORMER_BASED_WRAP). Each rank's peak is its ``VmHWM``, polled from /proc. Each round runs the
+three launches in a new order. Prints one JSON line per launch.
 """
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -23,6 +25,9 @@ ROOT = Path("/tmp/fsdp-memory")
 REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
+LAUNCHES = {"ddp": None, "fsdp2": FSDP_ENV,
+            "fsdp2-blocks": {**FSDP_ENV, "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                             "FSDP_TRANSFORMER_CLS_TO_WRAP": "ResnetBlock2D"}}
 
 
 def inputs() -> list[str]:
@@ -56,10 +61,11 @@ def _rank_and_peak(pid: int) -> tuple[int, int] | None:
     return None if rank is None or peak is None else (rank, int(peak.group(1)))
 
 
-def launch(recipe: str, overrides: list[str], fsdp: bool, port: int) -> dict:
+def launch(recipe: str, overrides: list[str], name: str, port: int) -> dict:
     """One launch; each rank's peak as last read from /proc every 0.2 s (rank 0 also gathers the whole state
     dicts for the checkpoint and writes the export; rank 1's peak is training's)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(FSDP_ENV if fsdp else {})}
+    fsdp = LAUNCHES[name]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(fsdp or {})}
     program = [str(REPO / "tests" / "fsdp_on_cpu.py")] if fsdp else ["-m", "n2ce_distill.cli"]
     peaks: dict[int, int] = {}
     with tempfile.TemporaryDirectory() as run, tempfile.TemporaryFile() as log:
@@ -76,7 +82,7 @@ def launch(recipe: str, overrides: list[str], fsdp: bool, port: int) -> dict:
         if proc.returncode != 0:
             log.seek(0)
             raise SystemExit(log.read()[-3000:].decode())
-    return {"launch": "fsdp2" if fsdp else "ddp", "seconds": round(seconds, 1),
+    return {"launch": name, "seconds": round(seconds, 1),
             **{f"peak_rank{rank}_gib": round(kib / 2**20, 3) for rank, kib in sorted(peaks.items())}}
 
 
@@ -90,9 +96,9 @@ def main(argv: list[str]) -> None:
                  "train.sample_every=1000", "eval.fid_every=0", *extra]
     port = 29800
     for r in range(rounds):
-        for fsdp in ((False, True) if r % 2 == 0 else (True, False)):
+        for name in random.Random(r).sample(list(LAUNCHES), len(LAUNCHES)):
             port += 1
-            print(json.dumps({"recipe": recipe, "round": r, **launch(recipe, overrides, fsdp, port)}), flush=True)
+            print(json.dumps({"recipe": recipe, "round": r, **launch(recipe, overrides, name, port)}), flush=True)
 
 
 if __name__ == "__main__":
