@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from .errors import InputError
 __all__ = ["main"]
 
 USAGE_ERROR = 2
+SAMPLE_OUTPUTS = ("images", "samples.npy", "labels.json", "grid.png")  # what `sample` writes into --out
 
 
 def _recipe(args: argparse.Namespace):
@@ -57,10 +59,14 @@ def _sample(args: argparse.Namespace) -> None:
     from .fid_inputs import to_uint8
     from .visualize import save_samples
 
+    out = _output_folder(args.out)
+    earlier = [out / name for name in SAMPLE_OUTPUTS if (out / name).exists()]
+    if earlier and not args.overwrite:  # new images beside old ones would be read by fid as one sample
+        raise InputError(f"--out {str(out)!r}: holds an earlier sample ({earlier[0].name}); choose a new folder or "
+                         "pass --overwrite to replace it")
     _, source = resolve_source(args.source, class_labels=args.class_labels, guidance_scale=args.guidance_scale,
                                prompts=_read_prompts(args.prompts))
     generator = torch.Generator().manual_seed(args.seed)
-    out = Path(args.out)
     labels = source.labels(args.num_samples)  # None for an unconditional source
     chunks, remaining = [], args.num_samples
     while remaining > 0:
@@ -68,6 +74,11 @@ def _sample(args: argparse.Namespace) -> None:
         chunks.append(source(min(args.batch_size, remaining), generator, wanted).cpu())
         remaining -= len(chunks[-1])
     samples = torch.cat(chunks)
+    for path in earlier:  # --overwrite: the earlier sample goes only once the new one is drawn
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if labels is not None:  # image i was drawn for class labels[i]
         (out / "labels.json").write_text(json.dumps(labels.tolist()) + "\n")
@@ -114,12 +125,18 @@ def _bench(args: argparse.Namespace) -> None:
         raise InputError(f"bench {name}: takes no arguments, got {' '.join(args.args)!r}")
     if takes_args and not args.args:
         raise InputError(f"bench {name}: needs a recipe, e.g. bench {name} recipes/digits_dxmi_n2ce.yaml")
-    out = Path(args.out or f"bench-output/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r}: exists and is not a folder")
+    out = _output_folder(args.out or f"bench-output/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     print(run(quick=args.quick, out=out, args=args.args) if takes_args else run(quick=args.quick, out=out))
     print(f"plots in {out}")
+
+
+def _output_folder(path: str) -> Path:
+    """``--out`` as a folder to write into, refused at startup where it is an existing file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r}: exists and is not a folder")
+    return out
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -205,6 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompts", metavar="FILE", help="a text-conditioned student's prompts, one per line, cycled "
                         "over the samples; labels.json lists each image's line (from 0)")
     sample.add_argument("--out", required=True, help="output folder: images/ (PNG, readable by fid) and grid.png")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier sample in --out (without it such a folder is refused)")
     sample.set_defaults(run=_sample)
 
     fid = command("fid", "FID of runs, pipelines, teachers (PATH@STEPS) or image folders")

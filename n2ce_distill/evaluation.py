@@ -111,7 +111,10 @@ def _toy_metrics(item: EvalInput, ref: str, count: int | None, batch_size: int, 
 
     start = time.perf_counter()
     if isinstance(item.source, Path):
-        points = load_points(item.source)[:count]
+        points = load_points(item.source)
+        if count is not None and count > len(points):
+            raise InputError(f"input {item.label!r}: --num-samples {count} but it holds {len(points)} points")
+        points = points[:count]
     else:
         generator = torch.Generator().manual_seed(seed)
         sizes = [min(batch_size, count - done) for done in range(0, count, batch_size)]

@@ -36,6 +36,7 @@ __all__ = [
     "file_hash",
     "image_files",
     "image_shape",
+    "is_sample_folder",
     "load_named_labels",
     "load_named_reference",
     "preserved_rng",
@@ -162,13 +163,21 @@ def check_path(x, what: str) -> Path:
 
 
 def image_files(folder) -> list[str]:
-    """Sorted image files directly in ``folder`` (torch-fidelity's own listing)."""
+    """Sorted image files directly in ``folder`` (torch-fidelity's own listing). An ``n2ce-distill sample``
+    output folder is read through its ``images/``: its ``grid.png`` is no sample."""
     if not check_path(folder, "image folder").is_dir():
         raise InputError(f"{folder}: not an image folder (2-D points: --ref 8gaussians | spirals | checkerboard)")
+    if is_sample_folder(folder):
+        folder = Path(folder) / "images"
     files = glob_samples_paths(str(folder), False, IMAGE_EXTENSIONS, verbose=False)
     if not files:
         raise InputError(f"no images ({IMAGE_EXTENSIONS}) in folder {folder}")
     return files
+
+
+def is_sample_folder(folder) -> bool:
+    """Whether ``folder`` is what ``n2ce-distill sample`` writes: ``grid.png`` beside an ``images/`` folder."""
+    return (Path(folder) / "grid.png").is_file() and (Path(folder) / "images").is_dir()
 
 
 def _sha(chunks) -> str:

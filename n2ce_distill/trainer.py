@@ -187,7 +187,7 @@ class Trainer:
             self._loss_pending[term] = bad  # accumulating: the step at the last micro-batch skips if any was bad
             return
         params = [p for p in owned if p.grad is not None]
-        norm = self._clip(params, clip or self.recipe.train.grad_clip)
+        norm = _clip(opt, params, clip or self.recipe.train.grad_clip, self.accelerator.scaler)
         norm = _whole(norm.detach())
         self._grad_norms[term] = norm  # before clipping; logged at the logging steps
         # under fp16 loss scaling an overflow is routine (the first steps at the initial scale): the scaler
@@ -202,15 +202,6 @@ class Trainer:
                 return
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    def _clip(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        """Clip the gradients of ``params`` to ``max_norm`` in total; their norm before clipping. Under FSDP,
-        torch's DTensor-aware clip: Accelerate's matches ``params`` against each network's by tensor equality,
-        which fails when two networks have as many parameters (SiD's generator and fake score network). FSDP runs
-        in fp32 only (:func:`_check_launch`), so there is no loss scale to undo first."""
-        if not self.accelerator.is_fsdp2:
-            return self.accelerator.clip_grad_norm_(params, max_norm)
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
     def _check_finite(self) -> None:
         """Read the guarded losses and gradient norms since the last check (one wait for the device) and act on
@@ -422,14 +413,18 @@ class Trainer:
 def _compile_models(module: torch.nn.Module) -> None:
     """``torch.compile`` the outermost diffusers models inside ``module`` in place (their ``state_dict`` keys, and
     so checkpoints, stay those of the eager modules); the thin preconditioning wrappers around them stay eager.
-    A model whose layers carry forward hooks stays eager too: compiled, the hook that SiDA's critic reads its
-    encoder through did not see every call (the generator step read the fake-score step's features: measured,
-    a shape mismatch at the first adversarial step on digits)."""
+
+    A model whose layers carry forward hooks (SiDA's and DMD2's fake score network, whose bottleneck the critic
+    reads) makes dynamo guard on hooks. By default it does not, and every copy of the teacher runs the same code:
+    SiDA's fake score network, read with frozen weights right after the teacher, reused the teacher's graph
+    without its hook, and the critic read the previous pass's features (measured: a shape mismatch at the first
+    adversarial step on digits)."""
     from diffusers import ModelMixin
 
     if isinstance(module, ModelMixin):
-        if not any(layer._forward_pre_hooks or layer._forward_hooks for layer in module.modules()):
-            module.compile()
+        if any(layer._forward_pre_hooks or layer._forward_hooks for layer in module.modules()):
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+        module.compile()
         return
     for child in module.children():
         _compile_models(child)
@@ -532,6 +527,18 @@ def _wrapping_only(plugin, names: list[str] | None):
         yield
     finally:
         plugin.transformer_cls_names_to_wrap = every
+
+
+def _clip(optimizer, params: list[torch.nn.Parameter], max_norm: float, scaler) -> torch.Tensor:
+    """Clip the gradients of ``params``, which ``optimizer`` steps, to ``max_norm`` in total; their norm before
+    clipping (a DTensor under FSDP). Under fp16 loss scaling only ``optimizer``'s gradients are unscaled first.
+    Accelerate's clip unscales every optimiser's: accumulating, another network's gradients of the earlier
+    micro-batches were unscaled once there and again at its own step. Accelerate's clip also matches ``params``
+    against each FSDP network by tensor equality, which fails when two networks have as many parameters (SiD's
+    generator and fake score network); torch's clip reads DTensor gradients itself."""
+    if scaler is not None:
+        scaler.unscale_(getattr(optimizer, "optimizer", optimizer))  # the torch optimiser inside Accelerate's
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _check_launch(accelerator: Accelerator) -> None:

@@ -76,11 +76,33 @@ def test_train_sample_fid_round_trip(dxmi_recipe, vp_teacher, tmp_path, capsys):
     assert json.loads((fid_out / "fid.json").read_text())[0]["num_samples"] == 5
     assert main(["fid", str(tmp_path / "s" / "images"), "--ref", "digits", "--num-samples", "6", "--out", str(fid_out)]) == 2
     assert "holds 5 images" in capsys.readouterr().err
+    # the sample's own folder reads as its images/, not as its grid.png
+    score = json.loads((fid_out / "fid.json").read_text())[0]["fid"]
+    assert main(["fid", str(tmp_path / "s"), "--ref", "digits", "--out", str(fid_out)]) == 0
+    row = json.loads((fid_out / "fid.json").read_text())[0]
+    assert row["num_samples"] == 5 and row["fid"] == pytest.approx(score)
     # a teacher with a number of steps samples too; a pipeline given a number of steps is not a teacher
     assert main(["sample", f"{vp_teacher}@2", "--num-samples", "3", "--out", str(tmp_path / "t")]) == 0
     assert len(list((tmp_path / "t" / "images").glob("*.png"))) == 3
     assert main(["sample", f"{tmp_path / 'nowhere'}@2", "--out", str(tmp_path / "u")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "u").exists()
+
+
+def test_sample_into_an_earlier_sample_needs_overwrite_and_into_a_file_is_refused(vp_teacher, tmp_path, capsys):
+    out, source = tmp_path / "s", f"{vp_teacher}@2"
+    assert main(["sample", source, "--num-samples", "3", "--out", str(out)]) == 0
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert main(["sample", source, "--num-samples", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds an earlier sample" in err and "--overwrite" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written  # two new images never joined three old
+    assert main(["sample", source, "--num-samples", "2", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
+    (tmp_path / "a-file").write_text("kept")
+    assert main(["sample", source, "--num-samples", "2", "--out", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err.strip().endswith("exists and is not a folder")
+    assert (tmp_path / "a-file").read_text() == "kept"
 
 
 def test_train_into_an_earlier_run_needs_resume_or_overwrite(dxmi_recipe, tmp_path, capsys):

@@ -64,6 +64,9 @@ def test_fid_command_scores_points_against_a_toy(tmp_path):
     # --num-samples takes the first points of a saved sample
     evaluate_inputs([str(good)], "8gaussians", num_samples=500, out=tmp_path / "out")
     assert json.loads((tmp_path / "out" / "fid.json").read_text())[0]["num_samples"] == 500
+    # ... and more than it holds is an error naming the input, not a silent cut
+    with pytest.raises(ValueError, match="input 'good': --num-samples 4001 but it holds 4000 points"):
+        evaluate_inputs([str(good)], "8gaussians", num_samples=4001, out=tmp_path / "out")
 
 
 def test_fid_command_refuses_what_a_toy_cannot_score(tmp_path):

@@ -313,20 +313,35 @@ def test_fast_paths_compute_the_eager_losses(recipe_file, vp_teacher, toy_teache
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-6), name
 
 
-def test_compile_leaves_hooked_models_eager(recipe_file, vp_teacher):
-    """SiDA reads the fake score network's encoder through a forward hook, which the compiled model did not run
-    on every call: that network stays eager while the teacher and the generator are compiled (compilation itself
-    is lazy, so nothing is compiled here)."""
+def test_compile_guards_hooks_so_the_fake_score_network_reads_its_own_bottleneck(recipe_file, vp_teacher):
+    """Every network is compiled, SiDA's fake score network too, whose bottleneck the critic reads through a
+    forward hook. Dynamo skips guards on hooks by default: read with frozen weights right after the teacher (the
+    generator step), the fake score network reused the teacher's graph, without its hook, and the critic read
+    the previous pass's features (4 rows here instead of 2)."""
+    import shutil
+
     from n2ce_distill.methods.sid import SiD
     from n2ce_distill.trainer import _compile_models
 
-    recipe = recipe_file({"method": {"name": "sid"}, "data": {"name": "digits"}, "teacher": {"path": str(vp_teacher)}})
+    if not shutil.which("g++"):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    recipe = recipe_file({"method": {"name": "sid", "adversarial": True}, "data": {"name": "digits"},
+                          "teacher": {"path": str(vp_teacher)}})
     method = SiD(load_recipe(recipe, ["train.batch_size=4"]), (1, 8, 8))
     for module in [*method.nets.read.values(), *method.frozen.values()]:
         _compile_models(module)
-    compiled = lambda module: getattr(module.net, "_compiled_call_impl", None) is not None  # noqa: E731
-    assert not compiled(method.nets.read["fake_score"])
-    assert compiled(method.frozen["teacher"]) and compiled(method.nets.read["generator"].denoiser)
+    teacher, fake = method.frozen["teacher"], method.nets.read["fake_score"]
+    assert all(getattr(net.net, "_compiled_call_impl", None) is not None for net in (teacher, fake))
+    assert getattr(method.nets.read["generator"].denoiser.net, "_compiled_call_impl", None) is not None
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(4, 1, 8, 8, generator=g), torch.full((4,), 2.0)
+    fake(x, sigma, None)  # the fake score step: trained weights
+    first = method.encoder.read()
+    with torch.no_grad(), method.reading(fake):  # the generator step: the teacher, then the fake score network
+        teacher(x[:2], sigma[:2], None)
+        fake(x[:2], sigma[:2], None)
+    assert method.encoder.read().shape[0] == 2
+    torch.testing.assert_close(method.encoder.read(), first[:2].detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_compile_without_a_compiler_is_refused_at_startup(dxmi_recipe, tmp_path, monkeypatch):
@@ -349,3 +364,20 @@ def test_an_optimiser_without_a_device_side_skip_is_skipped_from_the_host(dxmi_r
     assert all(torch.equal(v, critic.state_dict()[k]) for k, v in weights.items()), "critic moved on a NaN loss"
     with pytest.raises(NonFiniteError, match="step 0: non-finite critic loss"):
         trainer._check_finite()
+
+
+def test_clipping_under_loss_scaling_unscales_only_the_stepped_optimisers_gradients():
+    """Accumulating under fp16, another network's gradients of the earlier micro-batches wait, scaled, for its own
+    step; clipping this optimiser's must leave them scaled (Accelerate's clip unscales every optimiser's, and they
+    were then unscaled twice). The returned norm is the unscaled one."""
+    from n2ce_distill.trainer import _clip
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    stepped, waiting = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    opts = [torch.optim.SGD([p], lr=0.1) for p in (stepped, waiting)]
+    scaler.scale((stepped * torch.tensor([3.0, 4.0, 0.0])).sum() + waiting.sum()).backward()
+    norm = _clip(opts[0], [stepped], max_norm=1.0, scaler=scaler)
+    assert norm.item() == pytest.approx(5.0)
+    torch.testing.assert_close(stepped.grad, torch.tensor([0.6, 0.8, 0.0]))
+    torch.testing.assert_close(waiting.grad, torch.full((2,), 8.0))  # still scaled, for its own unscale
+    torch.testing.assert_close(_clip(opts[1], [waiting], max_norm=10.0, scaler=scaler), torch.tensor(2.0 ** 0.5))
