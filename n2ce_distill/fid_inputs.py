@@ -36,7 +36,6 @@ __all__ = [
     "file_hash",
     "image_files",
     "image_shape",
-    "is_sample_folder",
     "load_named_labels",
     "load_named_reference",
     "preserved_rng",
@@ -167,7 +166,7 @@ def image_files(folder) -> list[str]:
     output folder is read through its ``images/``: its ``grid.png`` is no sample."""
     if not check_path(folder, "image folder").is_dir():
         raise InputError(f"{folder}: not an image folder (2-D points: --ref 8gaussians | spirals | checkerboard)")
-    if is_sample_folder(folder):
+    if _is_sample_folder(folder):
         folder = Path(folder) / "images"
     files = glob_samples_paths(str(folder), False, IMAGE_EXTENSIONS, verbose=False)
     if not files:
@@ -175,7 +174,7 @@ def image_files(folder) -> list[str]:
     return files
 
 
-def is_sample_folder(folder) -> bool:
+def _is_sample_folder(folder) -> bool:
     """Whether ``folder`` is what ``n2ce-distill sample`` writes: ``grid.png`` beside an ``images/`` folder."""
     return (Path(folder) / "grid.png").is_file() and (Path(folder) / "images").is_dir()
 
