@@ -21,13 +21,19 @@ USAGE_ERROR = 2
 SAMPLE_OUTPUTS = ("images", "samples.npy", "labels.json", "grid.png")  # what `sample` writes into --out
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: ``print`` writes the text and its newline apart on an unbuffered (piped)
+    stderr, so the lines of processes launched together (torchrun) ran into one another."""
+    sys.stderr.write(line + "\n")
+
+
 def _recipe(args: argparse.Namespace):
     """The command's recipe with its overrides, each key it leaves unread named on stderr."""
     from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     for line in recipe.unused_keys():
-        print(f"n2ce-distill {args.command}: note: {line}", file=sys.stderr)
+        _say(f"n2ce-distill {args.command}: note: {line}")
     return recipe
 
 
@@ -44,7 +50,8 @@ def _train(args: argparse.Namespace) -> None:
     try:
         final = trainer.train()
     except NonFiniteError as exc:  # exit code 1: a run that went wrong, not bad input
-        raise SystemExit(f"n2ce-distill train: error: {exc}") from None
+        _say(f"n2ce-distill train: error: {exc}")
+        raise SystemExit(1) from None
     print(f"exported {final}")
 
 
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except (InputError, CheckpointError, FileNotFoundError) as exc:  # bad input: one line; anything else is a bug
-        print(f"n2ce-distill {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"n2ce-distill {args.command}: error: {exc}")
         return USAGE_ERROR
     return 0
 

@@ -1,5 +1,6 @@
 """Command-line behaviour: exit codes, one-line errors, nothing written on bad input, end-to-end commands."""
 
+import io
 import json
 import os
 import subprocess
@@ -305,6 +306,39 @@ def test_config_names_an_ignored_objective_parameter(dxmi_recipe, capsys):
     captured = capsys.readouterr()
     assert captured.err == "n2ce-distill config: note: critic.M: not used by objective 'nce'; ignored\n"
     assert "objective: nce" in captured.out
+
+
+class _WriteLog(io.StringIO):
+    """A stderr that keeps each ``write`` call apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_each_stderr_line_is_one_write(dxmi_recipe, tmp_path, monkeypatch):
+    """Processes launched together (torchrun) share one unbuffered stderr: a line written as text and newline apart
+    can run into another process's line, so every note and error goes out as one whole line in one write."""
+    from n2ce_distill.trainer import NonFiniteError, Trainer
+
+    def diverges(self):
+        raise NonFiniteError("step 1: loss_critic is nan")
+
+    stderr = _WriteLog()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["config", str(dxmi_recipe), "critic.M=5", "critic.objective=nce"]) == 0  # a note
+    assert main(["train", str(dxmi_recipe), "critic.M=0", "--output-dir", str(tmp_path / "bad")]) == 2  # bad input
+    monkeypatch.setattr(Trainer, "train", diverges)
+    with pytest.raises(SystemExit) as exit_info:  # a run that went wrong: exit code 1, still one line
+        main(["train", str(dxmi_recipe), "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 1
+    assert [text.split(": ")[1] for text in stderr.writes] == ["note", "error", "error"]
+    assert all(text.endswith("\n") and text.count("\n") == 1 for text in stderr.writes), stderr.writes
+    assert stderr.writes[-1] == "n2ce-distill train: error: step 1: loss_critic is nan\n"
 
 
 def test_more_usage_errors_of_bench_and_sample(tmp_path, vp_teacher, capsys):

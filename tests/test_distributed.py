@@ -40,10 +40,7 @@ def error_lines(done: subprocess.CompletedProcess) -> set[str]:
     """The one-line errors of a launch that stopped at startup: each process prints the same line with exit
     code 2 and no traceback (torchrun ends the other process once one has exited, at times before it prints)."""
     assert "exitcode  : 2" in done.stderr and "[rank0]: Traceback" not in done.stderr, done.stderr[-2000:]
-    # the processes share one stderr and write a message and its newline separately, so two messages can land on
-    # one line (seen in a full `make test` here): split each line where a message starts
-    prefix = "n2ce-distill train: error:"
-    return {prefix + piece for line in done.stderr.splitlines() for piece in line.split(prefix)[1:]}
+    return {line for line in done.stderr.splitlines() if line.startswith("n2ce-distill train: error:")}
 
 
 def weights(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
