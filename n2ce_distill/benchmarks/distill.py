@@ -41,7 +41,7 @@ TOY_STEPS = 1500  # iterations per run (full mode), the recipe's; curves are sco
 DIGITS_STEPS = 2000  # the recipe's length: FID rises between 500 and 1100, then falls lower
 SID_STEPS = 200
 SID_REACH = 12.0  # FID that "iterations to reach" counts for the one-step students
-DMD2_STEPS = 4000  # the recipe's length, which RESULTS.md reports (9 runs: about 3 hours on 2 CPU cores)
+DMD2_STEPS = 4000  # the recipe's length, which RESULTS.md reports (3 variants x 3 seeds of it)
 DMD2_REACH = 3.08  # the aim for the one-step student: 2x the teacher's FID at 1000 steps (1.54)
 
 
